@@ -1,0 +1,124 @@
+"""Exponential moving average of the trained network only (``pl_module.ema_network()``).
+
+Unlike Lightning's ``WeightAveraging`` it never copies the whole LightningModule (frozen encoders, metrics),
+supports a start step and an update interval, and its weights are swapped in for validation, testing and
+prediction. The averaged tensors are stored in the checkpoint under ``ema_state_dict`` (keys of the network's
+own state dict), where Stage B/C loaders and the exporter read them. Not supported under FSDP (sharded weights).
+"""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import nn
+
+
+class EMA(Callback):
+    def __init__(self, decay: float = 0.999, start_step: int = 0, update_every: int = 1):
+        """
+        Args:
+            decay: EMA decay per update.
+            start_step: until this global step the average just tracks the weights (copies them).
+            update_every: update every N optimiser steps (the decay applies per update).
+        """
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        if update_every < 1:
+            raise ValueError(f"EMA update_every must be >= 1, got {update_every}")
+        self.decay = decay
+        self.start_step = start_step
+        self.update_every = update_every
+        self._averages: dict[str, torch.Tensor] | None = None
+        self._loaded: dict[str, torch.Tensor] | None = None
+        self._backup: dict[str, torch.Tensor] | None = None
+
+    @staticmethod
+    def _network(pl_module: LightningModule) -> nn.Module:
+        if not hasattr(pl_module, "ema_network"):
+            raise TypeError(f"{type(pl_module).__name__} has no ema_network(): EMA does not know what to average")
+        return pl_module.ema_network()
+
+    def _ensure_averages(self, pl_module: LightningModule) -> dict[str, torch.Tensor]:
+        if self._averages is None:
+            state = self._network(pl_module).state_dict()
+            if self._loaded is not None:
+                if self._loaded.keys() != state.keys():
+                    raise ValueError("the checkpoint's EMA weights do not match the network (different config?)")
+                self._averages = {k: v.to(device=state[k].device, dtype=state[k].dtype).clone() for k, v in self._loaded.items()}
+                self._loaded = None
+            else:
+                self._averages = {k: v.detach().clone() for k, v in state.items()}
+        return self._averages
+
+    @property
+    def averages(self) -> dict[str, torch.Tensor] | None:
+        return self._averages
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step % self.update_every:
+            return
+        averages = self._ensure_averages(pl_module)
+        state = self._network(pl_module).state_dict()
+        weight = 1.0 if step < self.start_step else 1.0 - self.decay
+        floating = [k for k in averages if averages[k].is_floating_point()]
+        torch._foreach_lerp_([averages[k] for k in floating], [state[k].detach() for k in floating], weight)
+        for key in averages.keys() - set(floating):  # integer buffers (BatchNorm's num_batches_tracked)
+            averages[key].copy_(state[key])
+
+    # --- swapping the average in for evaluation ---------------------------------------------------------
+    @torch.no_grad()
+    def _swap_in(self, pl_module: LightningModule) -> None:
+        if self._backup is not None:
+            return
+        averages = self._ensure_averages(pl_module)
+        network = self._network(pl_module)
+        self._backup = {k: v.detach().clone() for k, v in network.state_dict().items()}
+        network.load_state_dict(averages)
+
+    @torch.no_grad()
+    def _swap_out(self, pl_module: LightningModule) -> None:
+        if self._backup is None:
+            return
+        self._network(pl_module).load_state_dict(self._backup)
+        self._backup = None
+
+    def on_validation_start(self, trainer, pl_module):
+        self._swap_in(pl_module)
+
+    def on_validation_end(self, trainer, pl_module):
+        self._swap_out(pl_module)
+
+    def on_test_start(self, trainer, pl_module):
+        self._swap_in(pl_module)
+
+    def on_test_end(self, trainer, pl_module):
+        self._swap_out(pl_module)
+
+    def on_predict_start(self, trainer, pl_module):
+        self._swap_in(pl_module)
+
+    def on_predict_end(self, trainer, pl_module):
+        self._swap_out(pl_module)
+
+    # --- checkpoints --------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        if self._averages is None and self._loaded is None:
+            return
+        averages = self._averages if self._averages is not None else self._loaded
+        checkpoint["ema_state_dict"] = {k: v.detach().cpu().clone() for k, v in averages.items()}
+        if self._backup is not None:
+            # Saved while the average is swapped in: the model's own entries must hold the trained weights.
+            network = self._network(pl_module)
+            prefix = next(name for name, module in pl_module.named_modules() if module is network)
+            for key, value in self._backup.items():
+                checkpoint["state_dict"][f"{prefix}.{key}" if prefix else key] = value.cpu().clone()
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        if "ema_state_dict" in checkpoint:
+            self._loaded = checkpoint["ema_state_dict"]
+            self._averages = None
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "start_step": self.start_step, "update_every": self.update_every}

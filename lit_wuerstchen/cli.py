@@ -1,0 +1,58 @@
+"""``python -m lit_wuerstchen``: LightningCLI (fit / validate / test / predict) plus the dataset tools."""
+
+from __future__ import annotations
+
+import sys
+
+import lightning as L
+from jsonargparse import set_parsing_settings
+from lightning.pytorch.cli import LightningCLI
+
+OVERVIEW = """\
+usage: python -m lit_wuerstchen <command> [options]
+
+Train and sample Würstchen-style text-to-image models.
+
+training (Lightning; configs compose: -c base.yaml -c override.yaml, later wins):
+  fit        train a stage, e.g. fit -c experiments/stage_a.yaml -c experiments/toy/stage_a.yaml
+  validate   run the validation loop of a stage (e.g. with --ckpt_path)
+  test       run the test loop
+  predict    run the prediction loop
+
+tools:
+  data       dataset tools: 'data shapes' (synthetic captioned set), 'data folder' (your images -> shards)
+
+'python -m lit_wuerstchen <command> --help' shows the options of each command.
+"""
+
+
+class WuerstchenCLI(LightningCLI):
+    """LightningCLI with our defaults: subclass mode for model and data, omegaconf+ interpolation."""
+
+
+def run_lightning_cli(args: list[str]) -> WuerstchenCLI:
+    # Absolute ${model...} interpolations keep working inside nested (subclass) groups.
+    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+    return WuerstchenCLI(
+        L.LightningModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        parser_kwargs={"parser_mode": "omegaconf+"},
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+        args=args,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(OVERVIEW)
+        return 0
+    if argv[0] == "data":
+        from .data.cli import main as data_main
+
+        return data_main(argv[1:], prog="python -m lit_wuerstchen data")
+    run_lightning_cli(argv)
+    return 0

@@ -1,0 +1,143 @@
+"""Building blocks shared by the Stage A, B and C networks (DESIGN.md §2).
+
+Pure ``nn.Module``s: no Lightning, no file I/O. Tensors are NCHW unless a name says otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channel dimension of an NCHW tensor."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class GlobalResponseNorm(nn.Module):
+    """ConvNeXt-V2 global response normalisation, channels-last input (N, H, W, C)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.zeros(1, 1, 1, channels))
+        self.beta = nn.Parameter(torch.zeros(1, 1, 1, channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spatial_norm = torch.norm(x, p=2, dim=(1, 2), keepdim=True)
+        relative = spatial_norm / (spatial_norm.mean(dim=-1, keepdim=True) + 1e-6)
+        return self.gamma * (x * relative) + self.beta + x
+
+
+class ResBlock(nn.Module):
+    """ConvNeXt-style residual block: depthwise conv -> channel LayerNorm -> MLP (GELU) -> residual.
+
+    ``skip_channels`` are concatenated after the norm, before the MLP (how Stage B feeds the semantic latent).
+    ``layer_scale`` adds a learned per-channel branch scale initialised at 0, so the block starts as the
+    identity (Stage A); ``grn`` adds GlobalResponseNorm inside the MLP (Stages B and C).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        skip_channels: int = 0,
+        kernel_size: int = 3,
+        mlp_ratio: int = 4,
+        dropout: float = 0.0,
+        grn: bool = True,
+        layer_scale: bool = False,
+    ):
+        super().__init__()
+        hidden = channels * mlp_ratio
+        self.depthwise = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels)
+        self.norm = LayerNorm2d(channels, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(
+            nn.Linear(channels + skip_channels, hidden),
+            nn.GELU(),
+            GlobalResponseNorm(hidden) if grn else nn.Identity(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, channels),
+        )
+        self.gamma = nn.Parameter(torch.zeros(channels)) if layer_scale else None
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.norm(self.depthwise(x))
+        if skip is not None:
+            h = torch.cat([h, skip], dim=1)
+        h = self.mlp(h.permute(0, 2, 3, 1))
+        if self.gamma is not None:
+            h = h * self.gamma
+        return x + h.permute(0, 3, 1, 2)
+
+
+class TimestepBlock(nn.Module):
+    """FiLM conditioning on the noise-level embedding: ``x * (1 + a) + b``."""
+
+    def __init__(self, channels: int, embedding_dim: int):
+        super().__init__()
+        self.mapper = nn.Linear(embedding_dim, channels * 2)
+
+    def forward(self, x: torch.Tensor, r_embedding: torch.Tensor) -> torch.Tensor:
+        a, b = self.mapper(r_embedding)[:, :, None, None].chunk(2, dim=1)
+        return x * (1 + a) + b
+
+
+class Attention(nn.Module):
+    """Multi-head attention through ``scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU)."""
+
+    def __init__(self, channels: int, num_heads: int, dropout: float = 0.0):
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"attention width {channels} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.Linear(channels, channels)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, channels = x.shape
+        return x.view(batch, length, self.num_heads, channels // self.num_heads).transpose(1, 2)
+
+    def forward(self, queries: torch.Tensor, keys_values: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._heads(self.to_q(queries)), self._heads(self.to_k(keys_values)), self._heads(self.to_v(keys_values))
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.to_out(out.transpose(1, 2).flatten(2))
+
+
+class AttnBlock(nn.Module):
+    """Attention over image tokens; mapped conditioning tokens (text) are appended to the keys/values."""
+
+    def __init__(self, channels: int, cond_channels: int, num_heads: int, self_attn: bool = True, dropout: float = 0.0):
+        super().__init__()
+        self.self_attn = self_attn
+        self.norm = LayerNorm2d(channels, elementwise_affine=False, eps=1e-6)
+        self.attention = Attention(channels, num_heads, dropout)
+        self.cond_mapper = nn.Sequential(nn.SiLU(), nn.Linear(cond_channels, channels)) if cond_channels else None
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        tokens = self.norm(x).flatten(2).transpose(1, 2)
+        keys_values = [tokens] if self.self_attn else []
+        if cond is not None and self.cond_mapper is not None:
+            keys_values.append(self.cond_mapper(cond))
+        if not keys_values:
+            return x
+        out = self.attention(tokens, torch.cat(keys_values, dim=1))
+        return x + out.transpose(1, 2).reshape(x.shape)
+
+
+def timestep_embedding(r: torch.Tensor, dim: int, max_positions: int = 10000) -> torch.Tensor:
+    """Sinusoidal embedding of the continuous noise level ``r`` in [0, 1] (of ``r * max_positions``)."""
+    r = r.float() * max_positions
+    half = dim // 2
+    frequencies = torch.exp(-math.log(max_positions) * torch.arange(half, device=r.device).float() / max(half - 1, 1))
+    angles = r[:, None] * frequencies[None, :]
+    embedding = torch.cat([angles.sin(), angles.cos()], dim=1)
+    if dim % 2:
+        embedding = F.pad(embedding, (0, 1))
+    return embedding

@@ -1,0 +1,214 @@
+"""Stage A LightningModule: trains the f4 VQGAN (reconstruction + VQ + optional perceptual and adversarial losses)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+from ..losses import build_lpips, hinge_discriminator_loss, hinge_generator_loss
+from ..metrics import CodebookUsage
+from ..models.vqgan import VQGAN, PatchDiscriminator, VQGANConfig
+from .base import OptimizerConfig, Stage, make_optimizer
+
+
+class StageA(Stage):
+    """Trains the VQGAN with manual optimisation (generator and discriminator optimisers).
+
+    Args:
+        vqgan: network sizes.
+        optimizer: AdamW settings of the VQGAN (and of the discriminator unless ``discriminator_lr`` is set).
+        reconstruction_loss: "mse" (paper) or "l1".
+        vq_weight: weight of codebook + 0.25 x commitment loss.
+        skip_quantization_prob: per-sample probability that the decoder sees the continuous latent
+            (paper: 0.1), so it also decodes the unquantised latents Stage B produces.
+        perceptual_weight: LPIPS weight (paper 0.1; 0 disables and loads nothing).
+        perceptual_net: LPIPS backbone ("vgg", "alex", "squeeze").
+        perceptual_backbone_weights: local torchvision state-dict file of that backbone (else torchvision's cache).
+        adversarial_weight: hinge GAN loss weight for the generator (paper 0.01; 0 disables the discriminator).
+        adversarial_start_step: step from which the discriminator trains and the adversarial loss applies (paper 10k).
+    """
+
+    def __init__(
+        self,
+        vqgan: VQGANConfig = VQGANConfig(),
+        optimizer: OptimizerConfig = OptimizerConfig(),
+        reconstruction_loss: Literal["mse", "l1"] = "mse",
+        vq_weight: float = 1.0,
+        skip_quantization_prob: float = 0.1,
+        perceptual_weight: float = 0.0,
+        perceptual_net: Literal["vgg", "alex", "squeeze"] = "vgg",
+        perceptual_backbone_weights: str | None = None,
+        adversarial_weight: float = 0.0,
+        adversarial_start_step: int = 10_000,
+        discriminator_channels: int = 64,
+        discriminator_layers: int = 3,
+        discriminator_lr: float | None = None,
+        num_logged_images: int = 8,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.vqgan = VQGAN(vqgan)
+        self.discriminator = (
+            PatchDiscriminator(discriminator_channels, discriminator_layers) if adversarial_weight > 0 else None
+        )
+        # The frozen LPIPS network is a loss, not part of the model: kept out of the module tree so it stays
+        # out of checkpoints, EMA and FSDP wrapping; moved to the device in on_fit_start.
+        object.__setattr__(
+            self, "_lpips", build_lpips(perceptual_net, perceptual_backbone_weights) if perceptual_weight > 0 else None
+        )
+        self.val_psnr = PeakSignalNoiseRatio(data_range=1.0, reduction="elementwise_mean", dim=(1, 2, 3))
+        self.val_psnr_unquantized = PeakSignalNoiseRatio(data_range=1.0, reduction="elementwise_mean", dim=(1, 2, 3))
+        self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
+        self.val_codebook = CodebookUsage(vqgan.codebook_size)
+
+    def ema_network(self) -> nn.Module:
+        return self.vqgan
+
+    def configure_optimizers(self):
+        config: OptimizerConfig = self.hparams.optimizer
+        optimizer, scheduler = make_optimizer(self.vqgan.parameters(), config)
+        if self.discriminator is None:
+            return [optimizer], [scheduler]
+        d_optimizer, d_scheduler = make_optimizer(self.discriminator.parameters(), config, self.hparams.discriminator_lr)
+        return [optimizer, d_optimizer], [scheduler, d_scheduler]
+
+    def on_fit_start(self) -> None:
+        if self._lpips is not None:
+            self._lpips.to(self.device)
+
+    def _reconstruction_loss(self, reconstruction: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        if self.hparams.reconstruction_loss == "l1":
+            return F.l1_loss(reconstruction, images)
+        return F.mse_loss(reconstruction, images)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        hp = self.hparams
+        images = batch["image"]
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        schedulers = self.lr_schedulers()
+        schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
+
+        skip = torch.rand(images.shape[0], device=images.device) < hp.skip_quantization_prob
+        out = self.vqgan(images, skip_quantization=skip)
+        reconstruction = out["reconstruction"]
+        reconstruction_loss = self._reconstruction_loss(reconstruction, images)
+        loss = reconstruction_loss + hp.vq_weight * out["vq_loss"]
+        logs = {"train/reconstruction_loss": reconstruction_loss, "train/vq_loss": out["vq_loss"]}
+
+        if self._lpips is not None:
+            perceptual = self._lpips(reconstruction.float(), images.float(), normalize=True).mean()
+            loss = loss + hp.perceptual_weight * perceptual
+            logs["train/perceptual_loss"] = perceptual
+
+        total = loss
+        if self.discriminator is not None:
+            if self.global_step >= hp.adversarial_start_step:
+                # One backward for both players: the generator term sees the discriminator frozen, the
+                # discriminator term sees detached reconstructions (works unchanged under DDP).
+                self.discriminator.requires_grad_(False)
+                generator_adversarial = hinge_generator_loss(self.discriminator(reconstruction))
+                self.discriminator.requires_grad_(True)
+                discriminator_loss = hinge_discriminator_loss(
+                    self.discriminator(images), self.discriminator(reconstruction.detach())
+                )
+                loss = loss + hp.adversarial_weight * generator_adversarial
+                logs["train/generator_adversarial_loss"] = generator_adversarial
+                logs["train/discriminator_loss"] = discriminator_loss
+            else:
+                # Zero-valued touch of every discriminator parameter, so DDP finds no unused parameters.
+                discriminator_loss = sum(p.sum() for p in self.discriminator.parameters()) * 0.0
+            total = loss + discriminator_loss
+
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(total)
+        grad_clip = hp.optimizer.grad_clip
+        for index, optimizer in enumerate(optimizers):
+            if grad_clip:
+                self.clip_gradients(optimizer, gradient_clip_val=grad_clip, gradient_clip_algorithm="norm")
+            if index == 0:
+                optimizer.step()
+            else:
+                # Raw step: Lightning counts every LightningOptimizer.step in global_step, and we want
+                # global_step to count batches whatever the number of optimisers.
+                optimizer.optimizer.step()
+        for scheduler in schedulers:
+            scheduler.step()
+
+        logs["train/loss"] = loss
+        self.log_dict(logs, prog_bar=False, batch_size=images.shape[0])
+        self.log("train/loss", loss, prog_bar=True, batch_size=images.shape[0])
+        self.log_data_errors("train")
+        return loss
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor, quantize: bool = True) -> torch.Tensor:
+        return self.vqgan.decode(self.vqgan.encode(images, quantize=quantize)).clamp(0, 1)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        images = batch["image"]
+        latent = self.vqgan.encode(images)
+        indices = self.vqgan.quantizer.indices(latent)
+        reconstruction = self.vqgan.decode(self.vqgan.quantizer.lookup(indices).to(latent.dtype)).float().clamp(0, 1)
+        reconstruction_unquantized = self.vqgan.decode(latent).float().clamp(0, 1)
+        images = images.float()
+        self.val_psnr.update(reconstruction, images)
+        self.val_psnr_unquantized.update(reconstruction_unquantized, images)
+        self.val_ssim.update(reconstruction, images)
+        self.val_codebook.update(indices)
+        self.log("val/reconstruction_loss", F.mse_loss(reconstruction, images), batch_size=images.shape[0], sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/psnr", self.val_psnr.compute(), prog_bar=True)
+        self.log("val/psnr_unquantized", self.val_psnr_unquantized.compute())
+        self.log("val/ssim", self.val_ssim.compute())
+        usage = self.val_codebook.compute()
+        self.log("val/codebook_perplexity", usage["perplexity"])
+        self.log("val/dead_code_share", usage["dead_code_share"])
+        for metric in (self.val_psnr, self.val_psnr_unquantized, self.val_ssim, self.val_codebook):
+            metric.reset()
+        self.log_data_errors("val")
+
+    test_step = validation_step
+    on_test_epoch_end = on_validation_epoch_end
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        return {"key": batch["key"], "reconstruction": self.reconstruct(batch["image"])}
+
+    def log_images(self, batch: dict) -> dict[str, torch.Tensor]:
+        images = batch["image"][: self.hparams.num_logged_images]
+        return {"input": images, "reconstruction": self.reconstruct(images)}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Enough to rebuild the bare network without this LightningModule (Stage B loads it like that).
+        checkpoint["vqgan_config"] = asdict(self.vqgan.config)
+
+
+def load_vqgan(checkpoint_path: str | Path, use_ema: bool = True) -> VQGAN:
+    """The VQGAN of a Stage A checkpoint, in eval mode; EMA weights when the checkpoint has them."""
+    path = Path(checkpoint_path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Stage A checkpoint not found: {path}. Train Stage A first (see README) or fix the path in the YAML."
+        )
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if "vqgan_config" not in checkpoint:
+        raise ValueError(f"{path} is not a Stage A checkpoint (it has no 'vqgan_config')")
+    vqgan = VQGAN(VQGANConfig(**checkpoint["vqgan_config"]))
+    ema_state = checkpoint.get("ema_state_dict") if use_ema else None
+    if ema_state is not None:
+        state = ema_state
+    else:
+        state = {k.removeprefix("vqgan."): v for k, v in checkpoint["state_dict"].items() if k.startswith("vqgan.")}
+    missing, unexpected = vqgan.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match its VQGAN config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    return vqgan.eval()
