@@ -1,6 +1,7 @@
-"""Lightning callbacks of lit_wuerstchen: EMA of the trained network and image logging."""
+"""Lightning callbacks of lit_wuerstchen: EMA of the trained network, image logging, crash checkpoints."""
 
+from .crash_checkpoint import CrashCheckpoint
 from .ema import EMA
 from .image_logger import ImageLogger
 
-__all__ = ["EMA", "ImageLogger"]
+__all__ = ["CrashCheckpoint", "EMA", "ImageLogger"]

@@ -30,7 +30,8 @@ class WuerstchenCLI(LightningCLI):
     """LightningCLI with our defaults: subclass mode for model and data, omegaconf+ interpolation."""
 
 
-def run_lightning_cli(args: list[str]) -> WuerstchenCLI:
+def run_lightning_cli(args: list[str] | None = None) -> WuerstchenCLI:
+    """Run the LightningCLI on ``args`` (None: the command line)."""
     # Absolute ${model...} interpolations keep working inside nested (subclass) groups.
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     return WuerstchenCLI(
@@ -46,6 +47,7 @@ def run_lightning_cli(args: list[str]) -> WuerstchenCLI:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(OVERVIEW)
@@ -54,5 +56,5 @@ def main(argv: list[str] | None = None) -> int:
         from .data.cli import main as data_main
 
         return data_main(argv[1:], prog="python -m lit_wuerstchen data")
-    run_lightning_cli(argv)
+    run_lightning_cli(None if from_command_line else argv)
     return 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 
 import lightning as L
 import torch
@@ -19,6 +19,11 @@ class OptimizerConfig:
     warmup_steps: int = 0
     grad_clip: float | None = 1.0
     """Gradient-norm clipping (None disables)."""
+
+
+def as_dataclass(cls, value):
+    """Accept a config dataclass or its dict form (how checkpoints store hyper-parameters)."""
+    return cls(**value) if isinstance(value, dict) else value
 
 
 def make_optimizer(
@@ -38,6 +43,10 @@ class Stage(L.LightningModule):
     Subclasses implement ``ema_network`` (the one trained network the EMA callback averages: never frozen
     encoders or metric networks) and ``log_images`` (named image grids in [0, 1] for the image logger).
     """
+
+    def store_plain_hparams(self, **configs) -> None:
+        """Keep config dataclasses as plain dicts in ``hparams``: checkpoints then load with ``weights_only``."""
+        self.hparams.update({name: asdict(config) for name, config in configs.items()})
 
     def ema_network(self) -> nn.Module:
         raise NotImplementedError

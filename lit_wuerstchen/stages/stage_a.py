@@ -14,7 +14,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 from ..losses import build_lpips, hinge_discriminator_loss, hinge_generator_loss
 from ..metrics import CodebookUsage
 from ..models.vqgan import VQGAN, PatchDiscriminator, VQGANConfig
-from .base import OptimizerConfig, Stage, make_optimizer
+from .base import OptimizerConfig, Stage, as_dataclass, make_optimizer
 
 
 class StageA(Stage):
@@ -54,6 +54,9 @@ class StageA(Stage):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
+        vqgan = as_dataclass(VQGANConfig, vqgan)
+        self.optimizer_config = as_dataclass(OptimizerConfig, optimizer)
+        self.store_plain_hparams(vqgan=vqgan, optimizer=self.optimizer_config)
         self.vqgan = VQGAN(vqgan)
         self.discriminator = (
             PatchDiscriminator(discriminator_channels, discriminator_layers) if adversarial_weight > 0 else None
@@ -72,7 +75,7 @@ class StageA(Stage):
         return self.vqgan
 
     def configure_optimizers(self):
-        config: OptimizerConfig = self.hparams.optimizer
+        config = self.optimizer_config
         optimizer, scheduler = make_optimizer(self.vqgan.parameters(), config)
         if self.discriminator is None:
             return [optimizer], [scheduler]
@@ -109,41 +112,41 @@ class StageA(Stage):
             logs["train/perceptual_loss"] = perceptual
 
         total = loss
-        if self.discriminator is not None:
-            if self.global_step >= hp.adversarial_start_step:
-                # One backward for both players: the generator term sees the discriminator frozen, the
-                # discriminator term sees detached reconstructions (works unchanged under DDP).
-                self.discriminator.requires_grad_(False)
-                generator_adversarial = hinge_generator_loss(self.discriminator(reconstruction))
-                self.discriminator.requires_grad_(True)
-                discriminator_loss = hinge_discriminator_loss(
-                    self.discriminator(images), self.discriminator(reconstruction.detach())
-                )
-                loss = loss + hp.adversarial_weight * generator_adversarial
-                logs["train/generator_adversarial_loss"] = generator_adversarial
-                logs["train/discriminator_loss"] = discriminator_loss
-            else:
-                # Zero-valued touch of every discriminator parameter, so DDP finds no unused parameters.
-                discriminator_loss = sum(p.sum() for p in self.discriminator.parameters()) * 0.0
+        adversarial = self.discriminator is not None and self.global_step >= hp.adversarial_start_step
+        if adversarial:
+            # One backward for both players: the generator term sees the discriminator frozen, the
+            # discriminator term sees detached reconstructions (works unchanged under DDP).
+            self.discriminator.requires_grad_(False)
+            generator_adversarial = hinge_generator_loss(self.discriminator(reconstruction))
+            self.discriminator.requires_grad_(True)
+            discriminator_loss = hinge_discriminator_loss(
+                self.discriminator(images), self.discriminator(reconstruction.detach())
+            )
+            loss = loss + hp.adversarial_weight * generator_adversarial
             total = loss + discriminator_loss
+            logs["train/generator_adversarial_loss"] = generator_adversarial
+            logs["train/discriminator_loss"] = discriminator_loss
+        elif self.discriminator is not None:
+            # Zero-valued touch of every discriminator parameter, so DDP finds no unused parameters.
+            total = loss + sum(p.sum() for p in self.discriminator.parameters()) * 0.0
 
+        generator_optimizer, *discriminator_optimizers = optimizers
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         self.manual_backward(total)
-        grad_clip = hp.optimizer.grad_clip
-        for index, optimizer in enumerate(optimizers):
+        grad_clip = self.optimizer_config.grad_clip
+        if grad_clip:
+            self.clip_gradients(generator_optimizer, gradient_clip_val=grad_clip, gradient_clip_algorithm="norm")
+        generator_optimizer.step()
+        if adversarial:
+            (discriminator_optimizer,) = discriminator_optimizers
             if grad_clip:
-                self.clip_gradients(optimizer, gradient_clip_val=grad_clip, gradient_clip_algorithm="norm")
-            if index == 0:
-                optimizer.step()
-            else:
-                # Raw step: Lightning counts every LightningOptimizer.step in global_step, and we want
-                # global_step to count batches whatever the number of optimisers.
-                optimizer.optimizer.step()
-        for scheduler in schedulers:
+                self.clip_gradients(discriminator_optimizer, gradient_clip_val=grad_clip, gradient_clip_algorithm="norm")
+            # Raw step: Lightning counts every LightningOptimizer.step in global_step; global_step counts batches.
+            discriminator_optimizer.optimizer.step()
+        for scheduler in schedulers[: 1 + adversarial]:
             scheduler.step()
 
-        logs["train/loss"] = loss
         self.log_dict(logs, prog_bar=False, batch_size=images.shape[0])
         self.log("train/loss", loss, prog_bar=True, batch_size=images.shape[0])
         self.log_data_errors("train")

@@ -1,0 +1,27 @@
+# The two commands of the README: `make demo` and `make test`. Each creates .venv and installs the project
+# into it the first time (and again when pyproject.toml changes); later runs skip straight to the work.
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+
+.PHONY: install demo test test-all benchmark
+
+install: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: $(INSTALLED)
+	$(PYTHON) -m lit_wuerstchen.demo
+
+test: $(INSTALLED)
+	HF_HUB_OFFLINE=1 LIT_WUERSTCHEN_OFFLINE=1 $(PYTHON) -m pytest
+
+test-all: $(INSTALLED)
+	HF_HUB_OFFLINE=1 LIT_WUERSTCHEN_OFFLINE=1 $(PYTHON) -m pytest -m ''
+
+benchmark: $(INSTALLED)
+	$(PYTHON) benchmarks/loader_throughput.py

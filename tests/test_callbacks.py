@@ -1,0 +1,112 @@
+"""EMA (math, evaluation swap, checkpoint round trip, resume) and the image logger."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import nn
+
+from callbacks import EMA, ImageLogger
+from lit_wuerstchen.stages import load_vqgan
+from test_stage_a import datamodule, tiny_stage_a, trainer
+
+
+class _Holder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Linear(2, 1)
+
+    def ema_network(self):
+        return self.net
+
+
+class _FakeTrainer:
+    global_step = 0
+
+
+def test_ema_math_start_step_and_interval():
+    module, fake = _Holder(), _FakeTrainer()
+    ema = EMA(decay=0.5, start_step=2, update_every=2)
+    history = []
+    for step in range(1, 7):
+        with torch.no_grad():
+            module.net.weight.fill_(float(step))
+        fake.global_step = step
+        ema.on_train_batch_end(fake, module, None, None, step)
+        history.append(None if ema.averages is None else ema.averages["weight"][0, 0].item())
+    # step 1: not an update step, so no average exists yet
+    # step 2: update -> at/after start_step: lerp from the copy made when the average was created (weights=2)
+    # step 4: 0.5*2 + 0.5*4 = 3; step 6: 0.5*3 + 0.5*6 = 4.5
+    assert history[0] is None
+    assert history[1] == 2.0 and history[3] == 3.0 and history[5] == 4.5
+    assert history[2] == history[1] and history[4] == history[3]
+
+
+def test_ema_tracks_the_weights_before_start_step():
+    module, fake = _Holder(), _FakeTrainer()
+    ema = EMA(decay=0.9, start_step=10)
+    for step in range(1, 4):
+        with torch.no_grad():
+            module.net.weight.fill_(float(step))
+        fake.global_step = step
+        ema.on_train_batch_end(fake, module, None, None, step)
+        assert ema.averages["weight"][0, 0].item() == float(step)
+
+
+def test_ema_checkpoint_round_trip_resume_and_validation_swap(shapes_dir, tmp_path):
+    torch.manual_seed(0)
+    ema = EMA(decay=0.9)
+    checkpoint_cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    model = tiny_stage_a()
+    trainer(max_steps=6, limit_val_batches=0, callbacks=[ema, checkpoint_cb], enable_checkpointing=True).fit(
+        model, datamodule=datamodule(shapes_dir, batches=6)
+    )
+    checkpoint = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)
+    saved_ema = checkpoint["ema_state_dict"]
+    for key, value in ema.averages.items():
+        assert torch.equal(saved_ema[key], value)
+    # the model's own weights in the checkpoint are the trained ones, not the average
+    trained = {k.removeprefix("vqgan."): v for k, v in checkpoint["state_dict"].items() if k.startswith("vqgan.")}
+    assert torch.equal(trained["encoder.0.mlp.0.weight"], model.vqgan.state_dict()["encoder.0.mlp.0.weight"])
+    assert not torch.equal(trained["encoder.0.mlp.0.weight"], saved_ema["encoder.0.mlp.0.weight"])
+    # downstream loaders take the EMA weights
+    assert torch.equal(load_vqgan(tmp_path / "last.ckpt").state_dict()["encoder.0.mlp.0.weight"],
+                       saved_ema["encoder.0.mlp.0.weight"])
+
+    observed = {}
+
+    class Probe(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            observed["resumed"] = {k: v.clone() for k, v in resumed_ema._ensure_averages(pl_module).items()}
+
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            observed["validated_with"] = {k: v.clone() for k, v in pl_module.vqgan.state_dict().items()}
+            observed["average_then"] = {k: v.clone() for k, v in resumed_ema.averages.items()}
+
+        def on_validation_end(self, trainer, pl_module):
+            observed["after_validation"] = {k: v.clone() for k, v in pl_module.vqgan.state_dict().items()}
+            observed["training_weights"] = {k: v.clone() for k, v in resumed_ema._backup.items()} if resumed_ema._backup else None
+
+    resumed_ema = EMA(decay=0.9)
+    resumed_model = tiny_stage_a()
+    trainer(max_steps=8, limit_val_batches=1, val_check_interval=2, callbacks=[resumed_ema, Probe()]).fit(
+        resumed_model, datamodule=datamodule(shapes_dir, batches=2), ckpt_path=tmp_path / "last.ckpt"
+    )
+    for key, value in saved_ema.items():
+        assert torch.equal(observed["resumed"][key], value), key
+    # validation ran on the average, and training resumed on the trained weights afterwards
+    for key, value in observed["average_then"].items():
+        assert torch.equal(observed["validated_with"][key], value), key
+    final_trained = resumed_model.vqgan.state_dict()
+    assert not torch.equal(final_trained["encoder.0.mlp.0.weight"], resumed_ema.averages["encoder.0.mlp.0.weight"])
+
+
+def test_image_logger_grid_and_files(shapes_dir, tmp_path):
+    model = tiny_stage_a()
+    logger = L.pytorch.loggers.TensorBoardLogger(tmp_path, name="run", version="v")
+    trainer(max_steps=3, limit_val_batches=1, val_check_interval=3, logger=logger,
+            callbacks=[ImageLogger(every_n_steps=2)]).fit(model, datamodule=datamodule(shapes_dir, batches=3))
+    images = sorted(p.name for p in (tmp_path / "run" / "v" / "images").iterdir())
+    assert images == ["train_step0000002.png", "val_step0000003.png"]
+    grid = ImageLogger.make_grid({"a": torch.zeros(4, 3, 8, 8), "b": torch.ones(4, 3, 4, 4)})
+    assert grid.shape == (3, 2 * 8 + 3 * 2, 4 * 8 + 5 * 2)  # two rows of four, resized to the largest entry

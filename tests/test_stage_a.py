@@ -1,0 +1,147 @@
+"""Stage A: the VQGAN network, its LightningModule (losses, manual optimisation, metrics) and its CLI run."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from conftest import toy_data_args
+from lit_wuerstchen.cli import main
+from lit_wuerstchen.data import ShardDataModule
+from lit_wuerstchen.models.vqgan import VQGAN, VQGANConfig
+from lit_wuerstchen.stages import OptimizerConfig, StageA, load_vqgan
+
+TINY = VQGANConfig(channels=[16, 32], encoder_blocks=[1, 1], decoder_blocks=[1, 1], codebook_size=64)
+
+
+def tiny_stage_a(**kwargs) -> StageA:
+    kwargs.setdefault("optimizer", OptimizerConfig(lr=2e-3, warmup_steps=0))
+    return StageA(vqgan=TINY, **kwargs)
+
+
+def datamodule(shapes_dir, batches: int = 40) -> ShardDataModule:
+    return ShardDataModule(
+        train_shards=f"{shapes_dir}/train-{{000000..000003}}.tar", val_shards=f"{shapes_dir}/val-000000.tar",
+        resolution=32, batch_size=8, num_workers=0, train_batches_per_epoch=batches, shuffle_buffer=64,
+    )
+
+
+def trainer(**kwargs) -> L.Trainer:
+    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+def test_paper_scale_vqgan_size():
+    with torch.device("meta"):
+        model = VQGAN(VQGANConfig())
+    assert 17e6 < sum(p.numel() for p in model.parameters()) < 21e6  # DESIGN.md: ~18-20M
+    assert model.config.downsampling == 4
+
+
+def test_vqgan_shapes_and_errors():
+    model = VQGAN(TINY).eval()
+    images = torch.rand(2, 3, 32, 48)
+    latent = model.encode(images)
+    assert latent.shape == (2, 4, 8, 12)
+    assert model.decode(latent).shape == images.shape
+    quantized = model.encode(images, quantize=True)
+    assert torch.equal(model.decode(latent, quantize=True), model.decode(quantized))
+    # every quantised vector is a codebook entry
+    codes = model.quantizer.codebook.weight
+    flat = quantized.permute(0, 2, 3, 1).reshape(-1, 4)
+    assert torch.cdist(flat, codes).min(dim=1).values.max() < 1e-5
+    with pytest.raises(ValueError, match="divisible by 4"):
+        model.encode(torch.rand(1, 3, 30, 32))
+    with pytest.raises(ValueError, match="one entry per level"):
+        VQGANConfig(channels=[8, 16], encoder_blocks=[1], decoder_blocks=[1, 1])
+
+
+def test_skip_quantization_passes_the_continuous_latent():
+    model = VQGAN(TINY)
+    images = torch.rand(3, 3, 16, 16)
+    skip = torch.tensor([True, False, True])
+    out = model(images, skip_quantization=skip)
+    expected_skipped = model.decode(model.encode(images))
+    assert torch.allclose(out["reconstruction"][skip], expected_skipped[skip], atol=1e-6)
+    assert not torch.allclose(out["reconstruction"][~skip], expected_skipped[~skip], atol=1e-4)
+
+
+def test_a_few_dozen_steps_lower_the_reconstruction_loss(shapes_dir):
+    torch.manual_seed(0)
+    model = tiny_stage_a()
+    dm = datamodule(shapes_dir, batches=40)
+    dm.setup("fit")
+    images = next(iter(dm.val_dataloader()))["image"]
+    before = torch.nn.functional.mse_loss(model.reconstruct(images), images).item()
+    trainer(max_steps=40, limit_val_batches=0).fit(model, datamodule=dm)
+    after = torch.nn.functional.mse_loss(model.reconstruct(images), images).item()
+    assert after < 0.5 * before, (before, after)
+
+
+def test_discriminator_trains_from_its_start_step_and_global_step_counts_batches(shapes_dir):
+    torch.manual_seed(0)
+    model = tiny_stage_a(adversarial_weight=0.1, adversarial_start_step=3, discriminator_channels=8)
+    initial = [p.detach().clone() for p in model.discriminator.parameters()]
+    seen = []
+
+    class Probe(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            changed = any(not torch.equal(a, b) for a, b in zip(initial, pl_module.discriminator.parameters()))
+            seen.append((trainer.global_step, changed))
+
+    fit_trainer = trainer(max_steps=5, limit_val_batches=0, callbacks=[Probe()])
+    fit_trainer.fit(model, datamodule=datamodule(shapes_dir))
+    assert fit_trainer.global_step == 5  # two optimisers, one global step per batch
+    assert [changed for _, changed in seen] == [False, False, False, True, True]
+    assert "train/discriminator_loss" in fit_trainer.callback_metrics
+
+
+def test_validation_logs_reconstruction_and_codebook_metrics(shapes_dir):
+    model = tiny_stage_a()
+    metrics = trainer().validate(model, datamodule=datamodule(shapes_dir), verbose=False)[0]
+    for name in ("val/psnr", "val/psnr_unquantized", "val/ssim", "val/codebook_perplexity", "val/dead_code_share"):
+        assert name in metrics
+    assert 1.0 <= metrics["val/codebook_perplexity"] <= TINY.codebook_size
+    assert 0.0 <= metrics["val/dead_code_share"] <= 1.0
+    assert metrics["val/psnr"] > 0
+
+
+def test_perceptual_loss_offline_fails_fast_with_a_clear_message(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(RuntimeError, match="vgg16"):
+        tiny_stage_a(perceptual_weight=0.1)
+
+
+def test_load_vqgan_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="Stage A checkpoint not found"):
+        load_vqgan(tmp_path / "missing.ckpt")
+    not_stage_a = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {}}, not_stage_a)
+    with pytest.raises(ValueError, match="not a Stage A checkpoint"):
+        load_vqgan(not_stage_a)
+
+
+def test_cli_fast_dev_run(shapes_dir, in_tmp_cwd):
+    main(["fit", "-c", "experiments/stage_a.yaml", "-c", "experiments/toy/stage_a.yaml",
+          "--trainer.fast_dev_run=2", *toy_data_args(shapes_dir)])
+
+
+def test_cli_fit_saves_config_checkpoints_and_images(shapes_dir, in_tmp_cwd):
+    override = in_tmp_cwd / "often.yaml"
+    override.write_text(
+        "trainer:\n  callbacks+:\n    - class_path: callbacks.ImageLogger\n      init_args: {every_n_steps: 2}\n"
+    )
+    main(["fit", "-c", "experiments/stage_a.yaml", "-c", "experiments/toy/stage_a.yaml", "-c", str(override),
+          "--trainer.max_steps=4", "--trainer.val_check_interval=4", "--data.init_args.train_batches_per_epoch=4",
+          "--trainer.logger.init_args.version=test", "--model.init_args.vqgan.channels=[16,32]",
+          *toy_data_args(shapes_dir)])
+    run = in_tmp_cwd / "outputs" / "toy_stage_a" / "test"
+    assert (run / "config.yaml").is_file()
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert list(run.glob("events.out.tfevents.*"))
+    assert (run / "images" / "train_step0000002.png").is_file()
+    assert (run / "images" / "val_step0000004.png").is_file()
+    vqgan = load_vqgan(run / "checkpoints" / "last.ckpt")
+    assert vqgan.config.channels == [16, 32]
