@@ -1,0 +1,40 @@
+"""Data layer: webdataset shards, the synthetic shapes dataset, folder conversion and the DataModule."""
+
+from .datamodule import ShardDataModule, ShardTrainDataset, ShardValDataset, expand_braces, expand_shards
+from .folder import convert_folder
+from .shapes import (
+    PALETTE,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    generate_shapes_dataset,
+    make_caption,
+    parse_caption,
+    read_manifest,
+    render_sample,
+)
+from .shards import ShardReadError, ShardWriter, brace_pattern, encode_png, iter_shard, load_rgb
+
+__all__ = [
+    "PALETTE",
+    "POSITIONS",
+    "SHAPES",
+    "SIZES",
+    "ShardDataModule",
+    "ShardReadError",
+    "ShardTrainDataset",
+    "ShardValDataset",
+    "ShardWriter",
+    "brace_pattern",
+    "convert_folder",
+    "encode_png",
+    "expand_braces",
+    "expand_shards",
+    "generate_shapes_dataset",
+    "iter_shard",
+    "load_rgb",
+    "make_caption",
+    "parse_caption",
+    "read_manifest",
+    "render_sample",
+]

@@ -1,0 +1,646 @@
+"""``ShardDataModule``: image/caption batches from webdataset tar shards, DDP-safe and error-tolerant.
+
+Training (per rank, per epoch exactly ``train_batches_per_epoch`` batches, so DDP ranks never wait on each
+other): the shard list is split by rank first (rank r owns shards ``r::world``), then by DataLoader worker
+when the rank owns at least one shard per worker (otherwise every worker of the rank draws from all of the
+rank's shards, with its own seed). Each worker resamples shards with replacement from its subset forever,
+shuffles raw samples through a buffer, decodes, batches (dropping nothing but the cut at the end) and stops
+after its share of the rank's batches.
+
+Validation (finite, not resampled, every sample exactly once over all ranks and workers): with ``S`` =
+world x workers reader slots, slot ``rank * workers + worker`` reads shards ``slot::S`` when there are at
+least ``S`` shards; otherwise every slot reads every shard and keeps the samples whose running index ``i``
+satisfies ``i % S == slot``. The last partial batch is kept, so ranks may see different batch counts:
+validation must not run per-step collectives (log with ``on_epoch=True``).
+
+Bad data never crashes or hangs a run. Corrupt/missing images, missing captions (when required), too small
+images and broken shards are skipped, logged once and counted per worker as *distinct* problems (a
+resampled bad shard is counted once). Each batch carries its worker's cumulative counts under
+``data_errors``; :meth:`ShardDataModule.on_before_batch_transfer` removes them from the batch and keeps the
+latest per worker; :meth:`ShardDataModule.error_counts` sums them (per rank; ``all_ranks=True`` reduces).
+Counts travel with batches: a validation reader holds back each full batch until the next good sample or
+the end of its stream, so its last batch carries everything it found; a reader that yields no batch at all
+cannot report. In the rare case that a rank has fewer training shards than workers, its workers share
+shards and a shared bad sample is counted once per worker.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import random
+import re
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .shapes import generate_shapes_dataset, read_manifest, shapes_args
+from .shards import IMAGE_EXTENSIONS, ShardReadError, iter_shard, load_rgb
+
+log = logging.getLogger(__name__)
+
+# Counters carried in ``data_errors``; ``corrupt_samples`` is the total of the four sample reasons.
+SAMPLE_REASONS: tuple[str, ...] = ("undecodable_images", "missing_images", "missing_captions", "small_images")
+COUNT_KEYS: tuple[str, ...] = ("corrupt_samples", "broken_shards", *SAMPLE_REASONS)
+# A worker that skips this many samples in a row has no usable data: fail loudly instead of spinning.
+MAX_CONSECUTIVE_SKIPS = 20_000
+
+
+# -- shard lists ------------------------------------------------------------------------------------------------
+def _split_top_level(spec: str) -> list[str]:
+    """Split on commas that are not inside braces (``a-{0..3}.tar,b-{x,y}.tar`` -> two parts)."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(spec):
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(spec[start:i])
+            start = i + 1
+    parts.append(spec[start:])
+    return [p.strip() for p in parts if p.strip()]
+
+
+_RANGE_RE = re.compile(r"(-?\d+)\.\.(-?\d+)")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Shell-style brace expansion: ``x-{000..002}.tar`` (zero padding kept) and ``{a,b}`` alternatives."""
+    start = pattern.find("{")
+    if start < 0:
+        return [pattern]
+    depth = 0
+    for end in range(start, len(pattern)):
+        depth += {"{": 1, "}": -1}.get(pattern[end], 0)
+        if depth == 0:
+            break
+    else:
+        raise ValueError(f"unbalanced '{{' in shard pattern {pattern!r}")
+    head, body, tail = pattern[:start], pattern[start + 1 : end], pattern[end + 1 :]
+    m = _RANGE_RE.fullmatch(body)
+    if m:
+        a, b = int(m.group(1)), int(m.group(2))
+        width = len(m.group(1)) if m.group(1).startswith("0") else 0
+        step = 1 if b >= a else -1
+        options = [f"{n:0{width}d}" for n in range(a, b + step, step)]
+    else:
+        options = []
+        for opt in _split_top_level(body) if "," in body else [body]:
+            options.extend(expand_braces(opt))
+    return [head + opt + rest for opt in options for rest in expand_braces(tail)]
+
+
+def expand_shards(spec: str) -> list[str]:
+    """Resolve a shard spec (brace pattern, glob, or comma-separated mix) to existing files, in order.
+
+    Raises ``FileNotFoundError`` naming the pattern when it matches nothing or names files that do not exist.
+    """
+    if not spec or not spec.strip():
+        raise FileNotFoundError("empty shard pattern")
+    urls: list[str] = []
+    for part in _split_top_level(spec):
+        for item in expand_braces(os.path.expanduser(part)):
+            if glob.has_magic(item):
+                matches = sorted(glob.glob(item))
+                if not matches:
+                    raise FileNotFoundError(f"shard pattern {part!r} matches no files (glob {item!r})")
+                urls.extend(matches)
+            else:
+                urls.append(item)
+    missing = [u for u in urls if not os.path.isfile(u)]
+    if missing:
+        if len(missing) == len(urls):
+            raise FileNotFoundError(f"shard pattern {spec!r} matches no files (e.g. {missing[0]!r} does not exist)")
+        raise FileNotFoundError(
+            f"shard pattern {spec!r}: {len(missing)} of {len(urls)} shards do not exist, e.g. {missing[:3]}"
+        )
+    return urls
+
+
+def _dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+# -- per-worker error bookkeeping -------------------------------------------------------------------------------
+class _ErrorLog:
+    """Distinct problems seen by one reader (one worker of one rank), logged once each."""
+
+    def __init__(self, worker: str):
+        self.worker = worker
+        self.counts = dict.fromkeys(COUNT_KEYS, 0)
+        self._seen: set[tuple[str, str]] = set()
+
+    def sample(self, url: str, key: str, reason: str, detail: str) -> None:
+        if (url, key) in self._seen:
+            return
+        self._seen.add((url, key))
+        self.counts[reason] += 1
+        self.counts["corrupt_samples"] += 1
+        log.warning("[data %s] skipped sample %r in %s: %s", self.worker, key, url, detail)
+
+    def shard(self, url: str, detail: str) -> None:
+        if (url, "") in self._seen:
+            return
+        self._seen.add((url, ""))
+        self.counts["broken_shards"] += 1
+        log.warning("[data %s] broken shard %s: %s (its readable samples are still used)", self.worker, url, detail)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"worker": self.worker, **self.counts}
+
+
+# -- decoding -----------------------------------------------------------------------------------------------------
+def _resize_crop(img: Image.Image, resize_to: int, resolution: int, rng: random.Random | None) -> np.ndarray:
+    """Shorter side -> ``resize_to`` (bicubic, antialiased), then a random (rng) or centre square crop."""
+    w, h = img.size
+    scale = resize_to / min(w, h)
+    nw, nh = max(resize_to, round(w * scale)), max(resize_to, round(h * scale))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.Resampling.BICUBIC)  # Pillow widens the kernel when shrinking
+    if rng is None:
+        left, top = (nw - resolution) // 2, (nh - resolution) // 2
+    else:
+        left, top = rng.randint(0, nw - resolution), rng.randint(0, nh - resolution)
+    if (left, top, nw, nh) != (0, 0, resolution, resolution):
+        img = img.crop((left, top, left + resolution, top + resolution))
+    return np.asarray(img, dtype=np.uint8)
+
+
+def _text(data: Any) -> str:
+    return data.decode("utf-8", errors="replace").strip() if isinstance(data, bytes) else ""
+
+
+class _Decoder:
+    """Turns a raw sample into ``(image HxWx3 uint8, caption, key, meta)``, or None after recording why."""
+
+    def __init__(self, resolution: int, resize_to: int, require_caption: bool, min_image_side: int):
+        self.resolution = resolution
+        self.resize_to = resize_to
+        self.require_caption = require_caption
+        self.min_image_side = min_image_side
+
+    def __call__(self, sample: dict[str, Any], errors: _ErrorLog, rng: random.Random | None) -> tuple | None:
+        key, url = sample["__key__"], sample["__url__"]
+        meta: dict[str, Any] = {}
+        if "json" in sample:
+            try:
+                parsed = json.loads(sample["json"])
+                meta = parsed if isinstance(parsed, dict) else {"json": parsed}
+            except ValueError:
+                meta = {}  # bad metadata is not worth dropping an image for
+        caption = _text(sample.get("txt")) or _text(sample.get("caption"))
+        if not caption and isinstance(meta.get("caption"), str):
+            caption = meta["caption"].strip()
+        if self.require_caption and not caption:
+            errors.sample(url, key, "missing_captions", "no caption (require_caption=True)")
+            return None
+        ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+        if ext is None:
+            exts = sorted(k for k in sample if not k.startswith("__"))
+            errors.sample(url, key, "missing_images", f"no image member (has {exts})")
+            return None
+        try:
+            img = load_rgb(sample[ext])
+        except ValueError as e:
+            errors.sample(url, key, "undecodable_images", str(e))
+            return None
+        if min(img.size) < self.min_image_side:
+            errors.sample(url, key, "small_images", f"image {img.size[0]}x{img.size[1]} < min_image_side")
+            return None
+        return _resize_crop(img, self.resize_to, self.resolution, rng), caption, key, meta
+
+
+def _collate(items: list[tuple], errors: _ErrorLog) -> dict[str, Any]:
+    images = torch.from_numpy(np.stack([it[0] for it in items])).permute(0, 3, 1, 2).contiguous()
+    return {
+        "image": images.float().div_(255.0),
+        "caption": [it[1] for it in items],
+        "key": [it[2] for it in items],
+        "meta": [it[3] for it in items],
+        "data_errors": errors.snapshot(),
+    }
+
+
+def _shuffle(samples: Iterator[dict[str, Any]], size: int, rng: random.Random) -> Iterator[dict[str, Any]]:
+    """Reservoir-style shuffle buffer over raw (still encoded, so small) samples."""
+    if size <= 1:
+        yield from samples
+        return
+    buf: list[dict[str, Any]] = []
+    for s in samples:
+        if len(buf) < size:
+            buf.append(s)
+            continue
+        i = rng.randrange(size)
+        yield buf[i]
+        buf[i] = s
+    rng.shuffle(buf)
+    yield from buf
+
+
+def _identity(batch: Any) -> Any:
+    return batch
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+# -- datasets -----------------------------------------------------------------------------------------------------
+class ShardTrainDataset(IterableDataset):
+    """Infinite resampled stream cut to exactly ``batches_per_epoch`` batches per rank and epoch.
+
+    ``rank``/``world`` are captured when the DataLoader is built (in the main process, where the process
+    group lives); the worker split happens in ``__iter__``. The stream and its error counts live on the
+    worker's copy of the dataset, which persists across epochs with ``persistent_workers``; ``epoch_offset``
+    (the trainer's epoch when the loader is built) reseeds it, so a resumed run does not replay its start.
+    """
+
+    def __init__(
+        self,
+        shards: list[str],
+        decoder: _Decoder,
+        batch_size: int,
+        batches_per_epoch: int,
+        shuffle_buffer: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        epoch_offset: int = 0,
+    ):
+        if len(shards) < world:
+            raise ValueError(
+                f"{len(shards)} training shard(s) for {world} ranks: every rank needs its own shard, so at least "
+                f"{world} are needed (write smaller shards, e.g. --samples_per_shard, or add data)"
+            )
+        self.shards = list(shards)
+        self.decoder = decoder
+        self.batch_size = batch_size
+        self.batches_per_epoch = batches_per_epoch
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.rank, self.world = rank, world
+        self.epoch_offset = epoch_offset
+        self._errors: _ErrorLog | None = None
+        self._stream: Iterator[dict[str, Any]] | None = None
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def worker_shards(self, worker_id: int, num_workers: int) -> list[str]:
+        """The shards one worker of this rank draws from (rank split first, then worker split if possible)."""
+        rank_shards = self.shards[self.rank :: self.world]
+        return rank_shards[worker_id::num_workers] if len(rank_shards) >= num_workers else rank_shards
+
+    def _resampled(self, shards: list[str], rng: random.Random, errors: _ErrorLog) -> Iterator[dict[str, Any]]:
+        empty_in_a_row = 0
+        while True:
+            url = rng.choice(shards)
+            got = 0
+            try:
+                for sample in iter_shard(url):
+                    got += 1
+                    yield sample
+            except ShardReadError as e:
+                errors.shard(url, str(e))
+            empty_in_a_row = 0 if got else empty_in_a_row + 1
+            if empty_in_a_row >= max(20, 5 * len(shards)):
+                raise RuntimeError(
+                    f"[data {errors.worker}] no readable samples in {empty_in_a_row} shard reads from "
+                    f"{len(shards)} shard(s), e.g. {shards[:3]}"
+                )
+
+    def _batches(self, wid: int, nw: int, errors: _ErrorLog) -> Iterator[dict[str, Any]]:
+        """This worker's endless batch stream (shard resampling -> shuffle buffer -> decode -> batch)."""
+        state = np.random.SeedSequence([self.seed, self.rank, wid, self.epoch_offset]).generate_state(2)
+        rng = random.Random(int(state[0]) << 32 | int(state[1]))
+        stream = _shuffle(self._resampled(self.worker_shards(wid, nw), rng, errors), self.shuffle_buffer, rng)
+        batch: list[tuple] = []
+        skipped = 0
+        for sample in stream:
+            item = self.decoder(sample, errors, rng)
+            if item is None:
+                skipped += 1
+                if skipped >= MAX_CONSECUTIVE_SKIPS:
+                    raise RuntimeError(
+                        f"[data {errors.worker}] {skipped} samples in a row were unusable: {errors.counts}"
+                    )
+                continue
+            skipped = 0
+            batch.append(item)
+            if len(batch) == self.batch_size:
+                yield _collate(batch, errors)
+                batch = []
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        wid, nw = _worker()
+        if self._stream is None:
+            # created lazily inside the worker and kept on its (persistent) copy of the dataset: the stream,
+            # its shuffle buffer and the error counts continue across epochs instead of restarting
+            self._errors = _ErrorLog(f"train/{self.rank}/{wid}")
+            self._stream = self._batches(wid, nw, self._errors)
+        n_batches = self.batches_per_epoch // nw + (wid < self.batches_per_epoch % nw)
+        for _ in range(n_batches):
+            yield next(self._stream)
+
+
+class ShardValDataset(IterableDataset):
+    """Finite, deterministic pass over every sample once, split over all (rank, worker) reader slots."""
+
+    def __init__(self, shards: list[str], decoder: _Decoder, batch_size: int, rank: int = 0, world: int = 1):
+        self.shards = list(shards)
+        self.decoder = decoder
+        self.batch_size = batch_size
+        self.rank, self.world = rank, world
+        self._errors: _ErrorLog | None = None
+
+    def _raw(self, slot: int, slots: int, errors: _ErrorLog) -> Iterator[dict[str, Any]]:
+        by_shard = len(self.shards) >= slots
+        index = 0
+        for si, url in enumerate(self.shards):
+            if by_shard and si % slots != slot:
+                continue
+            try:
+                for sample in iter_shard(url):
+                    if by_shard or index % slots == slot:
+                        yield sample
+                    index += 1
+            except ShardReadError as e:
+                if si % slots == slot:  # every slot reads it in sample mode: one of them reports it
+                    errors.shard(url, str(e))
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        wid, nw = _worker()
+        if self._errors is None:
+            self._errors = _ErrorLog(f"val/{self.rank}/{wid}")
+        errors = self._errors
+        raw = self._raw(self.rank * nw + wid, self.world * nw, errors)
+        batch: list[tuple] = []
+        try:
+            for sample in raw:
+                item = self.decoder(sample, errors, None)
+                if item is None:
+                    continue
+                # a full batch waits for the next good sample: the final batch, emitted after the stream has
+                # ended, then carries every error this reader found (a broken shard at the very end included)
+                if len(batch) == self.batch_size:
+                    yield _collate(batch, errors)
+                    batch = []
+                batch.append(item)
+            if batch:
+                yield _collate(batch, errors)
+        finally:
+            raw.close()
+
+
+# -- the DataModule ------------------------------------------------------------------------------------------------
+class ShardDataModule(L.LightningDataModule):
+    """Image/caption batches from webdataset shards (or a generated synthetic shapes set).
+
+    Batches: ``image`` float32 [B, 3, R, R] in [0, 1], ``caption`` list[str] ('' if missing), ``key``
+    list[str], ``meta`` list[dict] (the sample's json, or {}).
+
+    Args:
+        train_shards: brace pattern (``d/train-{000000..000009}.tar``), glob, or comma-separated list.
+        val_shards: same, for validation/test. With both None, a synthetic shapes set is used.
+        resolution: side of the final square crop.
+        resize_to: the shorter side is resized to this before cropping (None: ``resolution``).
+        batch_size / val_batch_size: batch sizes (val defaults to ``batch_size``).
+        num_workers: DataLoader worker processes per rank (decoding happens there).
+        train_batches_per_epoch: batches per epoch PER RANK (the training stream is resampled, endless).
+        shuffle_buffer: samples held for shuffling in each worker.
+        require_caption: skip (and count) samples without a caption.
+        min_image_side: skip (and count) images whose shorter side is smaller.
+        synthetic_dir / synthetic_num_train / synthetic_num_val / synthetic_seed: the synthetic set.
+        seed: seed of shard resampling, shuffling and crops.
+    """
+
+    def __init__(
+        self,
+        train_shards: str | None = None,
+        val_shards: str | None = None,
+        resolution: int = 64,
+        resize_to: int | None = None,
+        batch_size: int = 32,
+        val_batch_size: int | None = None,
+        num_workers: int = 2,
+        train_batches_per_epoch: int = 100,
+        shuffle_buffer: int = 1000,
+        require_caption: bool = False,
+        min_image_side: int = 0,
+        synthetic_dir: str = "data/shapes",
+        synthetic_num_train: int = 20000,
+        synthetic_num_val: int = 512,
+        synthetic_seed: int = 0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if resolution < 1:
+            raise ValueError(f"resolution must be >= 1, got {resolution}")
+        if resize_to is not None and resize_to < resolution:
+            raise ValueError(f"resize_to ({resize_to}) must be >= resolution ({resolution}): the crop must fit")
+        for name, value in (("batch_size", batch_size), ("train_batches_per_epoch", train_batches_per_epoch)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if val_batch_size is not None and val_batch_size < 1:
+            raise ValueError(f"val_batch_size must be >= 1, got {val_batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.train_shards = train_shards
+        self.val_shards = val_shards
+        self.resolution = resolution
+        self.resize_to = resize_to
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size
+        self.num_workers = num_workers
+        self.train_batches_per_epoch = train_batches_per_epoch
+        self.shuffle_buffer = shuffle_buffer
+        self.require_caption = require_caption
+        self.min_image_side = min_image_side
+        self.synthetic_dir = synthetic_dir
+        self.synthetic_num_train = synthetic_num_train
+        self.synthetic_num_val = synthetic_num_val
+        self.synthetic_seed = synthetic_seed
+        self.seed = seed
+        self._train_urls: list[str] | None = None
+        self._val_urls: list[str] | None = None
+        self._error_state: dict[str, dict[str, Any]] = {}
+
+    # -- synthetic data ------------------------------------------------------------------------------------------
+    @property
+    def synthetic(self) -> bool:
+        return self.train_shards is None and self.val_shards is None
+
+    def _synthetic_args(self) -> dict[str, Any]:
+        # ~64+ train shards (so many ranks x workers each get their own), at most 1000 samples per shard
+        per_shard = max(1, min(1000, -(-self.synthetic_num_train // 64)))
+        return shapes_args(
+            self.synthetic_num_train,
+            self.synthetic_num_val,
+            self.resize_to or self.resolution,
+            self.synthetic_seed,
+            per_shard,
+        )
+
+    def _synthetic_ready(self) -> bool:
+        manifest = read_manifest(self.synthetic_dir)
+        return manifest is not None and manifest.get("args") == self._synthetic_args()
+
+    def prepare_data(self) -> None:
+        """Generate the synthetic set once (runs on one process per node; others wait)."""
+        if not self.synthetic:
+            return
+        args = self._synthetic_args()
+        manifest = read_manifest(self.synthetic_dir)
+        if manifest is not None and manifest.get("args") == args:
+            log.info("reusing synthetic shapes data in %s", self.synthetic_dir)
+            return
+        if manifest is None:
+            log.info("no complete synthetic data in %s (no manifest.json): generating", self.synthetic_dir)
+        else:
+            log.info(
+                "synthetic data in %s was made with %s, need %s: regenerating",
+                self.synthetic_dir, manifest.get("args"), args,
+            )  # fmt: skip
+        generate_shapes_dataset(
+            self.synthetic_dir,
+            args["num_train"],
+            args["num_val"],
+            args["resolution"],
+            args["seed"],
+            samples_per_shard=args["samples_per_shard"],
+            progress=True,
+        )
+
+    def _synthetic_urls(self, split: str) -> list[str]:
+        if not self._synthetic_ready():
+            if _dist_info()[1] == 1:
+                self.prepare_data()  # convenient outside a Trainer (scripts, notebooks, tests)
+            else:
+                raise FileNotFoundError(
+                    f"synthetic data in {self.synthetic_dir!r} is missing or stale; prepare_data() must run first"
+                )
+        manifest = read_manifest(self.synthetic_dir)
+        assert manifest is not None
+        names = manifest["shards"][split]
+        if not names:
+            raise FileNotFoundError(f"synthetic data in {self.synthetic_dir!r} has no {split} shards")
+        return expand_shards(",".join(os.path.join(self.synthetic_dir, n) for n in names))
+
+    # -- shard lists -----------------------------------------------------------------------------------------------
+    def train_urls(self) -> list[str]:
+        if self._train_urls is None:
+            if self.synthetic:
+                self._train_urls = self._synthetic_urls("train")
+            elif self.train_shards is None:
+                raise ValueError("train_shards is not set (only val_shards was given)")
+            else:
+                self._train_urls = expand_shards(self.train_shards)
+        return self._train_urls
+
+    def val_urls(self) -> list[str]:
+        if self._val_urls is None:
+            if self.synthetic:
+                self._val_urls = self._synthetic_urls("val")
+            else:
+                self._val_urls = expand_shards(self.val_shards) if self.val_shards is not None else []
+        return self._val_urls
+
+    def setup(self, stage: str | None = None) -> None:
+        # resolve patterns now so a typo fails at start-up, not when the first loader is built
+        if stage in (None, "fit"):
+            self.train_urls()
+        if stage in (None, "fit", "validate", "test"):
+            self.val_urls()
+
+    # -- loaders -----------------------------------------------------------------------------------------------------
+    def _decoder(self) -> _Decoder:
+        return _Decoder(self.resolution, self.resize_to or self.resolution, self.require_caption, self.min_image_side)
+
+    def _loader(self, dataset: IterableDataset) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=None,  # the datasets batch themselves
+            collate_fn=_identity,  # default_convert would walk every meta dict of every batch
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        # Lightning warns that __len__ of an IterableDataset may be wrong with several workers; here each
+        # worker yields an exact share of the rank's batches, so the length is exact
+        warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
+        rank, world = _dist_info()
+        trainer = getattr(self, "trainer", None)
+        dataset = ShardTrainDataset(
+            self.train_urls(),
+            self._decoder(),
+            batch_size=self.batch_size,
+            batches_per_epoch=self.train_batches_per_epoch,
+            shuffle_buffer=self.shuffle_buffer,
+            seed=self.seed,
+            rank=rank,
+            world=world,
+            epoch_offset=trainer.current_epoch if trainer is not None else 0,  # resumed runs get fresh streams
+        )
+        return self._loader(dataset)
+
+    def val_dataloader(self) -> DataLoader | list:
+        urls = self.val_urls()
+        if not urls:
+            log.info("no val_shards: validation disabled")
+            return []
+        rank, world = _dist_info()
+        return self._loader(ShardValDataset(urls, self._decoder(), self.val_batch_size or self.batch_size, rank, world))
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self.val_dataloader()
+
+    # -- error counts ------------------------------------------------------------------------------------------------
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Take the worker's error counts out of the batch (Lightning calls this hook of the DataModule)."""
+        if isinstance(batch, dict) and "data_errors" in batch:
+            info = batch.pop("data_errors")
+            self._error_state[str(info["worker"])] = info
+        return batch
+
+    def error_counts(self, split: str, all_ranks: bool = False) -> dict[str, int]:
+        """Skipped-data counts of ``split`` ('train' or 'val'), summed over this rank's workers.
+
+        ``corrupt_samples`` counts every skipped sample (the other reason keys break it down) and
+        ``broken_shards`` unreadable/truncated shards. ``all_ranks=True`` also sums over DDP ranks (a
+        collective: call it on every rank).
+        """
+        totals = dict.fromkeys(COUNT_KEYS, 0)
+        for worker, info in self._error_state.items():
+            if worker.split("/", 1)[0] == split:
+                for k in COUNT_KEYS:
+                    totals[k] += int(info.get(k, 0))
+        if all_ranks and dist.is_available() and dist.is_initialized():
+            t = torch.tensor([totals[k] for k in COUNT_KEYS], dtype=torch.long)
+            if dist.get_backend() == "nccl":
+                t = t.cuda()
+            dist.all_reduce(t)
+            totals = dict(zip(COUNT_KEYS, (int(v) for v in t.tolist())))
+        return totals
+
+    def teardown(self, stage: str | None = None) -> None:
+        for split in ("train", "val"):
+            counts = self.error_counts(split)
+            if counts["corrupt_samples"] or counts["broken_shards"]:
+                details = ", ".join(f"{k}={v}" for k, v in counts.items() if v)
+                log.warning("data problems in %s (this rank, skipped and counted): %s", split, details)

@@ -1,0 +1,183 @@
+"""Convert a folder of captioned images into the shard format of the shapes set (``png``, ``txt``, ``json``).
+
+Caption sources, in order of precedence: a sidecar ``<stem>.txt`` next to the image, then ``captions.jsonl``,
+then ``captions.csv`` at the root. The two tables name the image in a ``file``/``image``/``path`` column
+(relative to the root; a bare file name also matches when it is unique) and the text in ``caption``/``text``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .shards import ShardWriter, brace_pattern, encode_png, load_rgb
+
+log = logging.getLogger(__name__)
+
+FOLDER_IMAGE_SUFFIXES = frozenset(
+    {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".tga", ".jfif"}
+)
+FILE_KEYS = ("file", "image", "path")
+TEXT_KEYS = ("caption", "text")
+REPORT_NAME = "conversion_report.json"
+
+
+def _pick(row: dict[str, Any], keys: tuple[str, ...]) -> Any:
+    lowered = {str(k).strip().lower(): v for k, v in row.items()}
+    return next((lowered[k] for k in keys if lowered.get(k) not in (None, "")), None)
+
+
+def _read_caption_tables(src: Path, problems: list[dict[str, str]]) -> tuple[dict[str, str], dict[str, str]]:
+    """Captions from ``captions.jsonl`` and ``captions.csv`` (jsonl wins on conflicts), keyed by relative path."""
+    table: dict[str, tuple[str, str]] = {}  # normalised relative path -> (caption, source)
+    csv_path, jsonl_path = src / "captions.csv", src / "captions.jsonl"
+    rows: list[tuple[str, int, dict[str, Any]]] = []
+    if csv_path.is_file():
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            rows += [("csv", i + 2, r) for i, r in enumerate(csv.DictReader(f))]  # line 1 is the header
+    if jsonl_path.is_file():
+        with open(jsonl_path, encoding="utf-8-sig") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except ValueError as e:
+                    problems.append({"path": f"captions.jsonl:{i}", "reason": f"bad JSON: {e}"})
+                    continue
+                if not isinstance(obj, dict):
+                    problems.append({"path": f"captions.jsonl:{i}", "reason": "not a JSON object"})
+                    continue
+                rows.append(("jsonl", i, obj))
+    for source, line, row in rows:  # csv first, so jsonl entries overwrite them
+        name, text = _pick(row, FILE_KEYS), _pick(row, TEXT_KEYS)
+        if name is None or text is None:
+            problems.append({
+                "path": f"captions.{source}:{line}",
+                "reason": f"needs one of {FILE_KEYS} and one of {TEXT_KEYS}",
+            })  # fmt: skip
+            continue
+        table[os.path.normpath(str(name).strip()).replace(os.sep, "/")] = (str(text), source)
+    captions = {k: v[0] for k, v in table.items()}
+    sources = {k: v[1] for k, v in table.items()}
+    return captions, sources
+
+
+def convert_folder(
+    src: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    samples_per_shard: int = 1000,
+    prefix: str = "train",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Write ``OUT/<prefix>-%06d.tar`` from the images under ``src`` (recursive, sorted, so reproducible).
+
+    Every image is decoded and re-encoded as an RGB PNG (any mode: see :func:`load_rgb`). Unreadable images and
+    images without a caption are skipped and listed in the returned report, which is also written to
+    ``OUT/conversion_report.json``. Keys are ``<prefix>_<index>``; the sample's json records the source path,
+    original size and mode. Existing ``<prefix>-*.tar`` shards in ``out`` are replaced.
+    """
+    src_path, out_path = Path(src), Path(out)
+    if not src_path.is_dir():
+        raise FileNotFoundError(f"source folder {str(src_path)!r} does not exist or is not a directory")
+    if not prefix or any(c in prefix for c in "./\\{}"):
+        raise ValueError(f"bad shard prefix {prefix!r}")
+    out_path.mkdir(parents=True, exist_ok=True)
+    for stale in list(out_path.glob(f"{prefix}-*.tar")) + list(out_path.glob(f"{prefix}-*.tar.tmp")):
+        stale.unlink()  # a shorter re-run must not leave old shards matching the pattern
+
+    caption_problems: list[dict[str, str]] = []
+    table, table_sources = _read_caption_tables(src_path, caption_problems)
+    by_basename: dict[str, list[str]] = {}
+    for rel in table:
+        by_basename.setdefault(rel.rsplit("/", 1)[-1], []).append(rel)
+
+    images: list[Path] = []
+    ignored: list[str] = []
+    for root, dirs, files in os.walk(src_path):
+        dirs.sort()
+        if Path(root).resolve() == out_path.resolve():
+            dirs.clear()  # never read our own output when OUT is inside SRC
+            continue
+        for name in sorted(files):
+            p = Path(root) / name
+            if p.suffix.lower() in FOLDER_IMAGE_SUFFIXES:
+                images.append(p)
+            elif p.suffix.lower() not in (".txt", ".json", ".jsonl", ".csv"):
+                ignored.append(p.relative_to(src_path).as_posix())
+
+    unreadable: list[dict[str, str]] = []
+    missing_caption: list[str] = []
+    used_table_keys: set[str] = set()
+    source_counts = {"sidecar": 0, "jsonl": 0, "csv": 0}
+    t0 = time.perf_counter()
+    with ShardWriter(out_path / f"{prefix}-{{index:06d}}.tar", samples_per_shard) as writer:
+        for path in tqdm(images, desc=f"converting {src_path.name}", unit="img", disable=not progress):
+            rel = path.relative_to(src_path).as_posix()
+            caption, source = "", ""
+            sidecar = path.with_suffix(".txt")
+            if sidecar.is_file():
+                caption, source = sidecar.read_text(encoding="utf-8", errors="replace").strip(), "sidecar"
+            if not caption:
+                match = rel if rel in table else None
+                if match is None and len(by_basename.get(path.name, [])) == 1:
+                    match = by_basename[path.name][0]
+                if match is not None:
+                    caption, source = table[match].strip(), table_sources[match]
+                    used_table_keys.add(match)
+            if not caption:
+                missing_caption.append(rel)
+                log.warning("no caption for %s: skipped", rel)
+                continue
+            try:
+                data = path.read_bytes()
+                img = load_rgb(data)
+                with_mode = _original_mode(data)
+            except (OSError, ValueError) as e:
+                unreadable.append({"path": rel, "reason": str(e)})
+                log.warning("unreadable image %s: %s", rel, e)
+                continue
+            writer.write({
+                "__key__": f"{prefix}_{writer.total:08d}",
+                "png": encode_png(img),
+                "txt": caption,
+                "json": {"source": rel, "width": img.width, "height": img.height, "mode": with_mode},
+            })  # fmt: skip
+            source_counts[source] += 1
+
+    shards = [os.path.basename(p) for p in writer.shards]
+    report: dict[str, Any] = {
+        "src": str(src_path),
+        "out": str(out_path),
+        "prefix": prefix,
+        "num_images_found": len(images),
+        "num_written": writer.total,
+        "num_unreadable": len(unreadable),
+        "num_missing_caption": len(missing_caption),
+        "caption_sources": source_counts,
+        "unreadable": unreadable,
+        "missing_caption": missing_caption,
+        "caption_table_problems": caption_problems,
+        "captions_without_image": sorted(set(table) - used_table_keys),
+        "ignored_files": ignored,
+        "shards": shards,
+        "pattern": brace_pattern([str(out_path / s) for s in shards]),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    (out_path / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return report
+
+
+def _original_mode(data: bytes) -> str:
+    """The stored mode before conversion (for the sample's metadata only)."""
+    with Image.open(io.BytesIO(data)) as im:
+        return im.mode
