@@ -1,6 +1,18 @@
 """One LightningModule per stage: the training step, what is frozen, what is logged."""
 
-from .base import OptimizerConfig, Stage
+from .base import DiffusionConfig, OptimizerConfig, SamplingConfig, Stage
 from .stage_a import StageA, load_vqgan
+from .stage_b import CompressorConfig, StageB, StageBConfig, load_stage_b
 
-__all__ = ["OptimizerConfig", "Stage", "StageA", "load_vqgan"]
+__all__ = [
+    "CompressorConfig",
+    "DiffusionConfig",
+    "OptimizerConfig",
+    "SamplingConfig",
+    "Stage",
+    "StageA",
+    "StageB",
+    "StageBConfig",
+    "load_stage_b",
+    "load_vqgan",
+]

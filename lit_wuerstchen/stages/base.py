@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import lightning as L
 import torch
 from torch import nn
+
+from ..diffusion import (
+    CosineSchedule,
+    linear_t_list,
+    make_loss_weight,
+    make_sampler,
+    make_t_sampler,
+    make_target,
+)
 
 
 @dataclass
@@ -20,21 +30,55 @@ class OptimizerConfig:
     grad_clip: float | None = 1.0
     """Gradient-norm clipping (None disables)."""
 
+    def build(self, parameters, lr: float | None = None) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        optimizer = torch.optim.AdamW(parameters, lr=lr or self.lr, betas=tuple(self.betas), weight_decay=self.weight_decay)
+        warmup = max(self.warmup_steps, 0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+        )
+        return optimizer, scheduler
+
+
+@dataclass
+class DiffusionConfig:
+    """The swappable diffusion pieces of DESIGN.md §3 (defaults: the official Würstchen choices)."""
+
+    schedule_s: float = 0.008
+    logsnr_shift: float = 1.0
+    """Stable Cascade's logSNR shift (1: none; 2 for its Stage C)."""
+    t_sampler: Literal["official", "uniform"] = "official"
+    target: Literal["eps", "v"] = "eps"
+    loss_weight: Literal["none", "p2_official", "p2_paper"] = "p2_official"
+
+    def build(self):
+        """(schedule, t sampler, target, loss weight)."""
+        schedule = CosineSchedule(s=self.schedule_s, logsnr_shift=self.logsnr_shift)
+        return schedule, make_t_sampler(self.t_sampler), make_target(self.target), make_loss_weight(self.loss_weight)
+
+
+@dataclass
+class SamplingConfig:
+    """How a stage samples: sampler, number of model evaluations, classifier-free guidance scale."""
+
+    sampler: Literal["ddpm", "ddim"] = "ddpm"
+    steps: int = 12
+    guidance_scale: float = 1.0
+    """1: conditional prediction only (no unconditional pass)."""
+    t_list: list[float] | None = None
+    """Explicit descending t values (N+1 values = N evaluations); overrides ``steps``."""
+
+    def sample(self, cond_fn, uncond_fn, shape, schedule, target, generator=None, device=None, progress=None):
+        t_list = self.t_list if self.t_list is not None else linear_t_list(self.steps)
+        return make_sampler(self.sampler)(
+            cond_fn, shape, t_list, schedule, generator=generator, device=device,
+            guidance_scale=self.guidance_scale, uncond_fn=uncond_fn if self.guidance_scale != 1.0 else None,
+            progress=progress, target=target,
+        )
+
 
 def as_dataclass(cls, value):
     """Accept a config dataclass or its dict form (how checkpoints store hyper-parameters)."""
     return cls(**value) if isinstance(value, dict) else value
-
-
-def make_optimizer(
-    parameters, config: OptimizerConfig, lr: float | None = None
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    optimizer = torch.optim.AdamW(
-        parameters, lr=lr or config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay
-    )
-    warmup = max(config.warmup_steps, 0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
-    return optimizer, scheduler
 
 
 class Stage(L.LightningModule):

@@ -14,7 +14,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 from ..losses import build_lpips, hinge_discriminator_loss, hinge_generator_loss
 from ..metrics import CodebookUsage
 from ..models.vqgan import VQGAN, PatchDiscriminator, VQGANConfig
-from .base import OptimizerConfig, Stage, as_dataclass, make_optimizer
+from .base import OptimizerConfig, Stage, as_dataclass
 
 
 class StageA(Stage):
@@ -76,10 +76,10 @@ class StageA(Stage):
 
     def configure_optimizers(self):
         config = self.optimizer_config
-        optimizer, scheduler = make_optimizer(self.vqgan.parameters(), config)
+        optimizer, scheduler = config.build(self.vqgan.parameters())
         if self.discriminator is None:
             return [optimizer], [scheduler]
-        d_optimizer, d_scheduler = make_optimizer(self.discriminator.parameters(), config, self.hparams.discriminator_lr)
+        d_optimizer, d_scheduler = config.build(self.discriminator.parameters(), self.hparams.discriminator_lr)
         return [optimizer, d_optimizer], [scheduler, d_scheduler]
 
     def on_fit_start(self) -> None:

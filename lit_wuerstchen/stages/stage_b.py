@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from ..diffusion import diffusion_loss
 from ..models.compressor import SemanticCompressor
 from ..models.stage_b import StageB as StageBNetwork
 from ..models.stage_b import perturb_semantic
@@ -151,7 +152,7 @@ class StageB(Stage):
         noised = self.schedule.add_noise(latents, t, noise)
         prediction = self.decoder(noised, t, semantic)
         target = self.target.target(latents, noise, t, self.schedule)
-        return self.diffusion_config.loss(prediction, target, self.loss_weight(t, self.schedule))
+        return diffusion_loss(prediction, target, self.loss_weight(t, self.schedule))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.diffusion_loss(batch["image"], perturb=True)

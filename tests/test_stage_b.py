@@ -1,0 +1,118 @@
+"""Stage B: frozen Stage A, the compressor's compression ratio, joint training, and the decoder overfit test."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from conftest import toy_data_args
+from lit_wuerstchen.cli import main
+from lit_wuerstchen.diffusion import linear_t_list
+from lit_wuerstchen.stages import CompressorConfig, OptimizerConfig, SamplingConfig, StageB, StageBConfig, load_stage_b
+from test_stage_a import datamodule, tiny_stage_a, trainer
+
+TINY_NETWORK = StageBConfig(widths=[16, 32], blocks=[1, 1], heads=[0, 2], semantic_levels=[0, 1], r_embedding_dim=16)
+TINY_COMPRESSOR = CompressorConfig(backbone="tiny", pretrained=False, tiny_widths=[8, 16])
+
+
+@pytest.fixture(scope="module")
+def stage_a_checkpoint(tmp_path_factory, shapes_dir):
+    """A briefly trained tiny Stage A, saved like a real run."""
+    path = tmp_path_factory.mktemp("stage_a") / "stage_a.ckpt"
+    torch.manual_seed(0)
+    model = tiny_stage_a()
+    fit = trainer(max_steps=20, limit_val_batches=0)
+    fit.fit(model, datamodule=datamodule(shapes_dir, batches=20))
+    fit.save_checkpoint(path)
+    return path
+
+
+def tiny_stage_b(stage_a_checkpoint, **kwargs) -> StageB:
+    kwargs.setdefault("optimizer", OptimizerConfig(lr=2e-3, warmup_steps=0))
+    kwargs.setdefault("validation_sampling", SamplingConfig(sampler="ddim", steps=4))
+    return StageB(stage_a_checkpoint=str(stage_a_checkpoint), compression=8, network=TINY_NETWORK,
+                  compressor=TINY_COMPRESSOR, **kwargs)
+
+
+def test_missing_or_mismatched_stage_a_is_a_clear_error(tmp_path, stage_a_checkpoint):
+    with pytest.raises(FileNotFoundError, match="Stage A checkpoint not found"):
+        tiny_stage_b(tmp_path / "nope.ckpt")
+    with pytest.raises(ValueError, match="latent_channels"):
+        StageB(stage_a_checkpoint=str(stage_a_checkpoint), network=StageBConfig(latent_channels=8, widths=[16],
+               blocks=[1], heads=[0], semantic_levels=[0]), compressor=TINY_COMPRESSOR)
+
+
+@pytest.mark.parametrize("compression, side", [(4, 8), (8, 4), (16, 2), (10.67, 3), (64, 1)])
+def test_compression_ratio_sets_the_semantic_latent_shape(stage_a_checkpoint, compression, side):
+    model = StageB(stage_a_checkpoint=str(stage_a_checkpoint), compression=compression, network=TINY_NETWORK,
+                   compressor=TINY_COMPRESSOR).eval()
+    # documented rule: latent side = max(1, round-half-up(image side / compression))
+    assert model.compressor(torch.rand(2, 3, 32, 32)).shape == (2, 16, side, side)
+
+
+def test_frozen_stage_a_is_bit_identical_after_training(shapes_dir, stage_a_checkpoint):
+    model = tiny_stage_b(stage_a_checkpoint)
+    frozen_before = {k: v.clone() for k, v in model.stage_a.state_dict().items()}
+    trained_before = {k: v.clone() for k, v in model.decoder.state_dict().items()}
+    trainer(max_steps=3, limit_val_batches=0).fit(model, datamodule=datamodule(shapes_dir, batches=3))
+    for key, value in model.stage_a.state_dict().items():  # weights and BatchNorm statistics
+        assert torch.equal(value, frozen_before[key]), key
+    assert not model.stage_a.training
+    assert any(not torch.equal(v, trained_before[k]) for k, v in model.decoder.state_dict().items())
+    assert all(p.grad is None for p in model.stage_a.parameters())
+
+
+def test_validation_decodes_images_and_logs_psnr(shapes_dir, stage_a_checkpoint):
+    model = tiny_stage_b(stage_a_checkpoint)
+    metrics = trainer(limit_val_batches=1).validate(model, datamodule=datamodule(shapes_dir), verbose=False)[0]
+    assert {"val/psnr", "val/ssim", "val/psnr_stage_a", "val/loss"} <= metrics.keys()
+    images = torch.rand(2, 3, 32, 32)
+    assert model.reconstruct(images).shape == images.shape
+    with pytest.raises(ValueError, match="divisible"):
+        model.sample_latents(torch.zeros(1, 16, 4, 4), (30, 32))
+
+
+def test_overfits_a_handful_of_images_far_better_than_a_constant(shapes_dir, stage_a_checkpoint):
+    """Trained on 4 fixed images, sampling from their semantic latents lands near their Stage A latents."""
+    torch.manual_seed(0)
+    model = tiny_stage_b(stage_a_checkpoint, semantic_drop_prob=0.0, semantic_noise_prob=0.0,
+                         optimizer=OptimizerConfig(lr=3e-3, warmup_steps=0))
+    dm = datamodule(shapes_dir)
+    dm.setup("fit")
+    images = next(iter(dm.val_dataloader()))["image"][:4]
+    optimizer = torch.optim.AdamW(model.ema_network().parameters(), lr=3e-3)
+    model.train()
+    for _ in range(300):
+        loss = model.diffusion_loss(images, perturb=False)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    target = model.encode_stage_a(images)
+    sampled = model.sample_latents(model.compressor(images), (32, 32), SamplingConfig(sampler="ddim", steps=20),
+                                   generator=torch.Generator().manual_seed(0))
+    error = torch.mean((sampled - target) ** 2)
+    constant_baseline = torch.mean((target - target.mean(dim=0, keepdim=True)) ** 2)
+    assert error < 0.25 * constant_baseline, (error.item(), constant_baseline.item())
+
+
+def test_checkpoint_loads_for_downstream_stages(shapes_dir, stage_a_checkpoint, tmp_path):
+    model = tiny_stage_b(stage_a_checkpoint)
+    fit = trainer(max_steps=2, limit_val_batches=0, callbacks=[__import__("callbacks").EMA(decay=0.5)])
+    fit.fit(model, datamodule=datamodule(shapes_dir, batches=2))
+    fit.save_checkpoint(tmp_path / "b.ckpt")
+    decoder, compressor, stage_a, hparams = load_stage_b(tmp_path / "b.ckpt")
+    assert hparams["compression"] == 8
+    for key, value in model.stage_a.state_dict().items():
+        assert torch.equal(stage_a.state_dict()[key], value)
+    images = torch.rand(1, 3, 32, 32)
+    assert compressor(images).shape == (1, 16, 4, 4)
+    with pytest.raises(FileNotFoundError):
+        load_stage_b(tmp_path / "missing.ckpt")
+
+
+def test_cli_fast_dev_run(shapes_dir, stage_a_checkpoint, in_tmp_cwd):
+    main(["fit", "-c", "experiments/stage_b.yaml", "-c", "experiments/toy/stage_b.yaml", "--trainer.fast_dev_run=1",
+          f"--model.init_args.stage_a_checkpoint={stage_a_checkpoint}", "--model.init_args.network.widths=[16,32,64]",
+          *toy_data_args(shapes_dir)])
