@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -21,21 +22,38 @@ from ..diffusion import (
 
 @dataclass
 class OptimizerConfig:
-    """AdamW with a linear warm-up (paper recipes: lr 1e-4, 10k warm-up steps for Stages B and C)."""
+    """AdamW with a linear warm-up, then a constant or cosine learning rate.
+
+    Paper recipes: lr 1e-4, constant, 10k warm-up steps for Stages B and C. Short runs (toy scale) profit
+    from the cosine decay to ``min_lr_ratio * lr`` at ``trainer.max_steps``.
+    """
 
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.01
     warmup_steps: int = 0
+    decay: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.0
     grad_clip: float | None = 1.0
     """Gradient-norm clipping (None disables)."""
 
-    def build(self, parameters, lr: float | None = None) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-        optimizer = torch.optim.AdamW(parameters, lr=lr or self.lr, betas=tuple(self.betas), weight_decay=self.weight_decay)
+    def lr_factor(self, step: int, total_steps: int | None) -> float:
         warmup = max(self.warmup_steps, 0)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
-        )
+        if step < warmup:
+            return (step + 1) / warmup
+        if self.decay == "constant" or not total_steps or total_steps <= warmup:
+            return 1.0
+        progress = min(1.0, (step - warmup) / (total_steps - warmup))
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def build(
+        self, parameters, lr: float | None = None, total_steps: int | None = None
+    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        """AdamW and its per-step scheduler; ``total_steps`` (trainer.max_steps) is needed for cosine decay."""
+        if self.decay == "cosine" and (total_steps is None or total_steps <= 0):
+            raise ValueError("optimizer.decay: cosine needs trainer.max_steps to be set")
+        optimizer = torch.optim.AdamW(parameters, lr=lr or self.lr, betas=tuple(self.betas), weight_decay=self.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_factor(step, total_steps))
         return optimizer, scheduler
 
 

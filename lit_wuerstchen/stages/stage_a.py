@@ -76,10 +76,12 @@ class StageA(Stage):
 
     def configure_optimizers(self):
         config = self.optimizer_config
-        optimizer, scheduler = config.build(self.vqgan.parameters())
+        optimizer, scheduler = config.build(self.vqgan.parameters(), total_steps=self.trainer.max_steps)
         if self.discriminator is None:
             return [optimizer], [scheduler]
-        d_optimizer, d_scheduler = config.build(self.discriminator.parameters(), self.hparams.discriminator_lr)
+        d_optimizer, d_scheduler = config.build(
+            self.discriminator.parameters(), self.hparams.discriminator_lr, total_steps=self.trainer.max_steps
+        )
         return [optimizer, d_optimizer], [scheduler, d_scheduler]
 
     def on_fit_start(self) -> None:

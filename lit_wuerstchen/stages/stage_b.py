@@ -122,7 +122,7 @@ class StageB(Stage):
         return self
 
     def configure_optimizers(self):
-        optimizer, scheduler = self.optimizer_config.build(self._trained.parameters())
+        optimizer, scheduler = self.optimizer_config.build(self._trained.parameters(), total_steps=self.trainer.max_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
