@@ -597,3 +597,18 @@ def test_reader_reports_corrupt_headers(tmp_path):
             got.append(sample["__key__"])
     # the sample in progress when the bad header appears (s_00001) may be incomplete, so it is dropped
     assert got == ["s_00000"]
+
+
+def test_val_resolution_validates_on_whole_images_while_training_on_crops(tmp_path):
+    from lit_wuerstchen.data import ShardDataModule, generate_shapes_dataset
+
+    generate_shapes_dataset(tmp_path, num_train=64, num_val=16, resolution=32, seed=1, samples_per_shard=16,
+                            progress=False)
+    dm = ShardDataModule(train_shards=f"{tmp_path}/train-*.tar", val_shards=f"{tmp_path}/val-*.tar",
+                         resolution=16, resize_to=32, val_resolution=32, batch_size=4, num_workers=0,
+                         train_batches_per_epoch=2, shuffle_buffer=8)
+    dm.setup("fit")
+    assert next(iter(dm.train_dataloader()))["image"].shape == (4, 3, 16, 16)
+    assert next(iter(dm.val_dataloader()))["image"].shape == (4, 3, 32, 32)
+    with pytest.raises(ValueError, match="val_resolution"):
+        ShardDataModule(resolution=16, resize_to=32, val_resolution=64)

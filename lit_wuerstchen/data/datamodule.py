@@ -418,6 +418,8 @@ class ShardDataModule(L.LightningDataModule):
         val_shards: same, for validation/test. With both None, a synthetic shapes set is used.
         resolution: side of the final square crop.
         resize_to: the shorter side is resized to this before cropping (None: ``resolution``).
+        val_resolution: side of the validation centre crop (None: ``resolution``); e.g. train Stage A on
+            32 px random crops of 64 px images and validate on the whole 64 px images.
         batch_size / val_batch_size: batch sizes (val defaults to ``batch_size``).
         num_workers: DataLoader worker processes per rank (decoding happens there).
         train_batches_per_epoch: batches per epoch PER RANK (the training stream is resampled, endless).
@@ -434,6 +436,7 @@ class ShardDataModule(L.LightningDataModule):
         val_shards: str | None = None,
         resolution: int = 64,
         resize_to: int | None = None,
+        val_resolution: int | None = None,
         batch_size: int = 32,
         val_batch_size: int | None = None,
         num_workers: int = 2,
@@ -452,6 +455,10 @@ class ShardDataModule(L.LightningDataModule):
             raise ValueError(f"resolution must be >= 1, got {resolution}")
         if resize_to is not None and resize_to < resolution:
             raise ValueError(f"resize_to ({resize_to}) must be >= resolution ({resolution}): the crop must fit")
+        if val_resolution is not None and not 1 <= val_resolution <= (resize_to or resolution):
+            raise ValueError(
+                f"val_resolution ({val_resolution}) must be in [1, resize_to or resolution = {resize_to or resolution}]"
+            )
         for name, value in (("batch_size", batch_size), ("train_batches_per_epoch", train_batches_per_epoch)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
@@ -463,6 +470,7 @@ class ShardDataModule(L.LightningDataModule):
         self.val_shards = val_shards
         self.resolution = resolution
         self.resize_to = resize_to
+        self.val_resolution = val_resolution
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size
         self.num_workers = num_workers
@@ -567,8 +575,9 @@ class ShardDataModule(L.LightningDataModule):
             self.val_urls()
 
     # -- loaders -----------------------------------------------------------------------------------------------------
-    def _decoder(self) -> _Decoder:
-        return _Decoder(self.resolution, self.resize_to or self.resolution, self.require_caption, self.min_image_side)
+    def _decoder(self, crop: int | None = None) -> _Decoder:
+        crop = crop or self.resolution
+        return _Decoder(crop, self.resize_to or self.resolution, self.require_caption, self.min_image_side)
 
     def _loader(self, dataset: IterableDataset) -> DataLoader:
         return DataLoader(
@@ -605,7 +614,7 @@ class ShardDataModule(L.LightningDataModule):
             log.info("no val_shards: validation disabled")
             return []
         rank, world = _dist_info()
-        return self._loader(ShardValDataset(urls, self._decoder(), self.val_batch_size or self.batch_size, rank, world))
+        return self._loader(ShardValDataset(urls, self._decoder(self.val_resolution), self.val_batch_size or self.batch_size, rank, world))
 
     def test_dataloader(self) -> DataLoader | list:
         return self.val_dataloader()

@@ -1,0 +1,264 @@
+"""Prompt alignment for the synthetic shapes dataset: does a generated image show what its caption asks?
+
+Every shapes caption (``a small red circle on a blue background, top left``) names five attributes that can be
+read back from the pixels with the generator's own ground truth: the palette (:data:`PALETTE`), the size
+fractions (:data:`SIZES`) and the 3x3 placement grid (:data:`POSITIONS`). :func:`analyse_shapes_image` detects
+them from one image with simple, artefact-tolerant rules; :func:`shapes_alignment` compares them with the
+parsed prompts and reports the share of matches per attribute.
+
+Detection, in order:
+
+* background: nearest palette colour to the per-channel median of the 1-px image border (the generator keeps
+  the shape ``margin`` px away from the border, so the border is pure background);
+* colour: pixels far from the measured background colour are foreground candidates; among the purest of them
+  (the ones farthest from the background: blurred edges are background/shape mixtures and lie closer to it)
+  the palette colour (background's excluded) that wins the nearest-palette vote within a distance threshold;
+* mask: pixels more than half-way from the background colour towards the measured shape colour (the 50 %
+  iso-line keeps the area of a blurred shape), largest 4-connected component, tiny components ignored;
+* shape: fill ratio of the mask's bounding box (square ~1, circle ~pi/4, triangle ~1/2) together with the
+  vertical asymmetry of the mask (the apex-up triangle's centroid sits ext/6 below its box centre);
+* position: the box centre (what the generator jitters inside a grid cell) mapped to ``floor(3 * c / side)``;
+* size: the bounding-box extent as a fraction of the image side, nearest :data:`SIZES` value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data.shapes import PALETTE, POSITIONS, SIZES, parse_caption
+
+ATTRIBUTES: tuple[str, ...] = ("background", "colour", "shape", "position", "size")
+
+_NAMES: tuple[str, ...] = tuple(PALETTE)
+_RGB = np.array(list(PALETTE.values()), dtype=np.float32)  # [10, 3], 0..255
+_SIZE_NAMES: tuple[str, ...] = tuple(SIZES)
+_SIZE_VALUES = np.array(list(SIZES.values()), dtype=np.float32)
+
+# Distances are Euclidean in 0..255 RGB; the palette's minimum pairwise distance is > 100.
+FOREGROUND_DISTANCE = 60.0  # a pixel this far from the background colour may belong to the shape
+PALETTE_MATCH_DISTANCE = 90.0  # a pixel votes for a palette colour only when it is this close to it
+CORE_FRACTION = 0.6  # vote among pixels at least this fraction of the (robust) farthest distance from background
+MIN_COMPONENT_FRACTION = 0.002  # components smaller than this share of the image (and < 3 px) are noise
+SQUARE_FILL = 0.88  # fill ratio of the bounding box above which a symmetric blob is a square
+TRIANGLE_FILL = 0.62  # ... below which it is a triangle
+TRIANGLE_ASYMMETRY = 0.08  # (centroid_y - box_centre_y) / box_height: 1/6 for the triangle, 0 for the others
+
+
+def _to_hwc_float(image: Any) -> np.ndarray:
+    """Any supported image as float32 HxWx3 in 0..255."""
+    if isinstance(image, torch.Tensor):
+        arr = image.detach().cpu()
+        if arr.is_floating_point():
+            arr = arr.float()
+        arr = arr.numpy()
+    elif hasattr(image, "convert") and hasattr(image, "size"):  # PIL image
+        arr = np.asarray(image.convert("RGB"))
+    else:
+        arr = np.asarray(image)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    if arr.ndim != 3:
+        raise ValueError(f"expected an image with 3 dimensions, got shape {tuple(arr.shape)}")
+    if arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):  # CHW -> HWC
+        arr = np.transpose(arr, (1, 2, 0))
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    arr = arr[..., :3]  # drop alpha
+    if np.issubdtype(arr.dtype, np.floating):
+        return np.clip(arr.astype(np.float32), 0.0, 1.0) * 255.0
+    if arr.dtype == np.bool_:
+        return arr.astype(np.float32) * 255.0
+    return np.clip(arr.astype(np.float32), 0.0, 255.0)
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """Boolean mask of the largest 4-connected component of ``mask`` (all False if empty)."""
+    h, w = mask.shape
+    if not mask.any():
+        return mask.copy()
+    big = h * w
+    labels = np.where(mask, np.arange(big, dtype=np.int64).reshape(h, w), big)
+    # min-label propagation: converges in (longest path inside a component) steps, vectorised per step
+    for _ in range(big):
+        padded = np.pad(labels, 1, constant_values=big)
+        new = np.minimum.reduce(
+            [labels, padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:]]
+        )
+        new = np.where(mask, new, big)
+        # pointer jumping: follow each label to its pixel's label, which shortens long chains
+        flat = new.reshape(-1)
+        inside = flat < big
+        flat[inside] = flat[flat[inside]]
+        if np.array_equal(new, labels):
+            break
+        labels = new
+    values, counts = np.unique(labels[mask], return_counts=True)
+    return labels == values[int(np.argmax(counts))]
+
+
+def _nearest_palette(colour: np.ndarray, exclude: int | None = None) -> tuple[int, float]:
+    d = np.linalg.norm(_RGB - colour[None, :], axis=1)
+    if exclude is not None:
+        d[exclude] = np.inf
+    i = int(np.argmin(d))
+    return i, float(d[i])
+
+
+def _empty_geometry() -> dict[str, Any]:
+    return {
+        "shape": None,
+        "position": None,
+        "size": None,
+        "fill_ratio": None,
+        "asymmetry": None,
+        "centroid": None,
+        "box_centre": None,
+        "bbox": None,
+        "extent": None,
+        "area": 0,
+    }
+
+
+def analyse_shapes_image(image: Any) -> dict[str, Any]:
+    """Detect background, shape colour, shape, position and size of one shapes image.
+
+    ``image``: float tensor ``[3,H,W]`` in [0,1], uint8 ``HxWx3`` numpy array (float arrays in [0,1], ``HxWx3``
+    tensors and PIL images work too). Returns the five attribute names (``None`` where nothing was found, e.g.
+    ``colour``/``shape``/... on a plain image) plus the raw measurements: ``background_rgb``, ``colour_rgb``,
+    ``colour_votes`` (share of the core pixels that voted for the winner), ``fill_ratio`` (mask area / box
+    area), ``asymmetry`` (vertical centroid offset / box height), ``centroid`` and ``box_centre`` (``(x, y)``
+    in pixels, pixel centres at +0.5), ``bbox`` (``x0, y0, x1, y1`` exclusive), ``extent`` (box side as a
+    fraction of the image side), ``area`` (mask pixels).
+    """
+    img = _to_hwc_float(image)
+    h, w, _ = img.shape
+    border = np.concatenate([img[0, :], img[-1, :], img[1:-1, 0], img[1:-1, -1]], axis=0)
+    bg_rgb = np.median(border, axis=0).astype(np.float32)
+    bg_index, bg_dist = _nearest_palette(bg_rgb)
+    out: dict[str, Any] = {
+        "background": _NAMES[bg_index],
+        "colour": None,
+        "background_rgb": [round(float(v), 1) for v in bg_rgb],
+        "background_distance": round(bg_dist, 1),
+        "colour_rgb": None,
+        "colour_votes": 0.0,
+    }
+    out.update(_empty_geometry())
+
+    dist_bg = np.linalg.norm(img - bg_rgb, axis=2)
+    candidates = dist_bg > FOREGROUND_DISTANCE
+    min_pixels = max(3, int(round(MIN_COMPONENT_FRACTION * h * w)))
+    if int(candidates.sum()) < min_pixels:
+        return out
+
+    # purest foreground pixels: blurred edges mix towards the background, so the farthest pixels are the core
+    far = dist_bg[candidates]
+    top = float(np.percentile(far, 95))
+    core = candidates & (dist_bg >= max(FOREGROUND_DISTANCE, CORE_FRACTION * top))
+    pix = img[core]
+    d = np.linalg.norm(pix[:, None, :] - _RGB[None, :, :], axis=2)  # [n, 10]
+    d[:, bg_index] = np.inf  # the shape never has the background's colour
+    nearest = np.argmin(d, axis=1)
+    ok = d[np.arange(len(nearest)), nearest] <= PALETTE_MATCH_DISTANCE
+    if not ok.any():
+        return out
+    votes = np.bincount(nearest[ok], minlength=len(_NAMES))
+    ci = int(np.argmax(votes))
+    colour_rgb = np.median(pix[ok & (nearest == ci)], axis=0).astype(np.float32)
+    out["colour"] = _NAMES[ci]
+    out["colour_rgb"] = [round(float(v), 1) for v in colour_rgb]
+    out["colour_votes"] = round(float(votes[ci] / ok.sum()), 3)
+
+    # mask: more than half-way from the measured background towards the measured shape colour
+    axis = colour_rgb - bg_rgb
+    norm2 = float(axis @ axis)
+    if norm2 < 1e-6:
+        return out
+    t = ((img - bg_rgb) @ axis) / norm2
+    residual = np.linalg.norm(img - bg_rgb - t[..., None] * axis, axis=2)  # off the bg->shape line
+    mask = (t > 0.5) & (residual < max(PALETTE_MATCH_DISTANCE, 0.5 * np.sqrt(norm2)))
+    mask = _largest_component(mask)
+    area = int(mask.sum())
+    out["area"] = area
+    if area < min_pixels:
+        return out
+
+    ys, xs = np.nonzero(mask)
+    x0, x1, y0, y1 = int(xs.min()), int(xs.max()) + 1, int(ys.min()), int(ys.max()) + 1
+    bw, bh = x1 - x0, y1 - y0
+    fill = area / float(bw * bh)
+    cx, cy = float(xs.mean()) + 0.5, float(ys.mean()) + 0.5
+    bcx, bcy = (x0 + x1) / 2.0, (y0 + y1) / 2.0
+    asym = (cy - bcy) / bh
+
+    if asym > TRIANGLE_ASYMMETRY or fill < TRIANGLE_FILL:
+        shape = "triangle"
+    elif fill > SQUARE_FILL:
+        shape = "square"
+    else:
+        shape = "circle"
+
+    col = min(2, max(0, int(3.0 * bcx / w)))
+    row = min(2, max(0, int(3.0 * bcy / h)))
+    extent = 0.5 * (bw / w + bh / h)
+    size = _SIZE_NAMES[int(np.argmin(np.abs(_SIZE_VALUES - extent)))]
+
+    out.update(
+        shape=shape,
+        position=POSITIONS[row * 3 + col],
+        size=size,
+        fill_ratio=round(fill, 4),
+        asymmetry=round(asym, 4),
+        centroid=(round(cx, 3), round(cy, 3)),
+        box_centre=(bcx, bcy),
+        bbox=(x0, y0, x1, y1),
+        extent=round(extent, 4),
+    )
+    return out
+
+
+def _as_image_list(images: Any) -> list[Any]:
+    if isinstance(images, torch.Tensor):
+        if images.ndim == 3:
+            return [images]
+        if images.ndim != 4:
+            raise ValueError(f"expected images [N,3,H,W], got shape {tuple(images.shape)}")
+        return list(images)
+    if isinstance(images, np.ndarray):
+        return [images] if images.ndim == 3 else list(images)
+    return list(images)
+
+
+def shapes_alignment(images: Any, prompts: Sequence[str]) -> dict[str, float]:
+    """Share of images whose detected attributes match their (parseable) shapes prompt.
+
+    ``images``: tensor ``[N,3,H,W]`` in [0,1] or a sequence of tensors / arrays / PIL images, one per prompt.
+    Returns ``background``, ``colour``, ``shape``, ``position``, ``size`` (accuracy per attribute), ``all``
+    (all five match), ``count`` (scored prompts) and ``skipped`` (prompts :func:`parse_caption` rejects).
+    Accuracies are 0.0 when nothing could be scored.
+    """
+    items = _as_image_list(images)
+    prompts = list(prompts)
+    if len(items) != len(prompts):
+        raise ValueError(f"got {len(items)} images but {len(prompts)} prompts")
+    hits = dict.fromkeys((*ATTRIBUTES, "all"), 0)
+    count = skipped = 0
+    for image, prompt in zip(items, prompts):
+        want = parse_caption(prompt) if isinstance(prompt, str) else None
+        if want is None:
+            skipped += 1
+            continue
+        got = analyse_shapes_image(image)
+        count += 1
+        matches = [got[k] is not None and got[k] == want[k] for k in ATTRIBUTES]
+        for k, m in zip(ATTRIBUTES, matches):
+            hits[k] += int(m)
+        hits["all"] += int(all(matches))
+    result = {k: (v / count if count else 0.0) for k, v in hits.items()}
+    result["count"] = float(count)
+    result["skipped"] = float(skipped)
+    return result

@@ -1,0 +1,114 @@
+"""Stage C: the text-conditional diffusion prior over the 16-channel semantic latent (DESIGN.md §2).
+
+Shape of diffusers' ``WuerstchenPrior`` (Würstchen v2): single resolution, no down-sampling, so any latent
+height/width works. ``depth`` x [ResBlock (depthwise conv, LN, MLP 4c + GRN, dropout) -> TimestepBlock (FiLM on a
+sinusoidal embedding of ``r * 10000``) -> AttnBlock (self-attention over the latent tokens with the mapped text
+tokens appended to the keys/values)]. The output head predicts ``a, b`` and the noise estimate is
+``(x_t - a) / (|1 - b| + 1e-5)``; the head is zero-initialised, so at initialisation ``a = b = 0`` and the
+prediction is ``x_t`` itself ("starts as identity", which the paper found more stable).
+
+Released v2 config (the default): c=1536, depth 32, 24 heads, text = CLIP ViT-bigG-14 hidden states (1280).
+Paper config: c=1280, depth 16, 16 heads, text = CLIP ViT-H-14 (1024).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lit_wuerstchen.models.blocks import AttnBlock, LayerNorm2d, ResBlock, TimestepBlock, timestep_embedding
+
+
+class StageC(nn.Module):
+    """Text-conditional prior: ``forward(x_t [B, C, h, w], r [B] in [0, 1], text [B, L, text_channels]) -> eps``."""
+
+    def __init__(
+        self,
+        latent_channels: int = 16,
+        width: int = 1536,
+        depth: int = 32,
+        heads: int = 24,
+        text_channels: int = 1280,
+        r_embedding_dim: int = 64,
+        dropout: float = 0.1,
+        kernel_size: int = 3,
+    ):
+        super().__init__()
+        for name, value in (
+            ("latent_channels", latent_channels),
+            ("width", width),
+            ("depth", depth),
+            ("heads", heads),
+            ("text_channels", text_channels),
+            ("r_embedding_dim", r_embedding_dim),
+            ("kernel_size", kernel_size),
+        ):
+            if value < 1:
+                raise ValueError(f"StageC {name} must be positive, got {value}")
+        if width % heads:
+            raise ValueError(f"StageC width {width} is not divisible by heads {heads}")
+        if kernel_size % 2 == 0:
+            raise ValueError(f"StageC kernel_size must be odd (same-size padding), got {kernel_size}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"StageC dropout must be in [0, 1), got {dropout}")
+        self.latent_channels = latent_channels
+        self.width = width
+        self.r_embedding_dim = r_embedding_dim
+        self.text_channels = text_channels
+
+        self.embedding = nn.Conv2d(latent_channels, width, kernel_size=1)
+        self.text_mapper = nn.Sequential(
+            nn.Linear(text_channels, width),
+            nn.LeakyReLU(0.2),
+            nn.Linear(width, width),
+        )
+        self.blocks = nn.ModuleList()
+        for _ in range(depth):
+            self.blocks.append(ResBlock(width, kernel_size=kernel_size, dropout=dropout, grn=True))
+            self.blocks.append(TimestepBlock(width, r_embedding_dim))
+            self.blocks.append(AttnBlock(width, cond_channels=width, num_heads=heads, self_attn=True, dropout=dropout))
+        self.out = nn.Sequential(
+            LayerNorm2d(width, elementwise_affine=False, eps=1e-6),
+            nn.Conv2d(width, latent_channels * 2, kernel_size=1),
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Xavier-uniform linear/conv weights and zero biases (as the released prior), then the identity start.
+
+        The GRN gamma/beta stay at their zero init (from the shared block). The output conv is zeroed, so
+        ``a = b = 0`` and the predicted noise equals ``x_t`` at initialisation.
+        """
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        # Depthwise convs are (c, 1, k, k): xavier over fan-in k*k and fan-out c*k*k would shrink them; keep the
+        # default (kaiming-uniform) init for those.
+        for block in self.blocks:
+            if isinstance(block, ResBlock):
+                block.depthwise.reset_parameters()
+        nn.init.zeros_(self.out[1].weight)
+        nn.init.zeros_(self.out[1].bias)
+
+    def forward(self, x_t: torch.Tensor, r: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        if x_t.ndim != 4 or x_t.shape[1] != self.latent_channels:
+            raise ValueError(f"StageC expects x_t of shape [B, {self.latent_channels}, h, w], got {tuple(x_t.shape)}")
+        if text.ndim != 3 or text.shape[-1] != self.text_channels:
+            raise ValueError(f"StageC expects text of shape [B, L, {self.text_channels}], got {tuple(text.shape)}")
+        r = r.reshape(-1)
+        if r.numel() == 1 and x_t.shape[0] != 1:
+            r = r.expand(x_t.shape[0])
+        r_embed = timestep_embedding(r, self.r_embedding_dim).to(x_t.dtype)
+        cond = self.text_mapper(text.to(x_t.dtype))
+        x = self.embedding(x_t)
+        for block in self.blocks:
+            if isinstance(block, TimestepBlock):
+                x = block(x, r_embed)
+            elif isinstance(block, AttnBlock):
+                x = block(x, cond)
+            else:
+                x = block(x)
+        a, b = self.out(x).chunk(2, dim=1)
+        return (x_t - a) / ((1 - b).abs() + 1e-5)
