@@ -35,6 +35,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "open_clip"
 TINY_MODEL_NAME = "wuerstchen-tiny-clip"
 
 _REGISTERED_CONFIGS: set[Path] = set()
+_TOKENIZERS: dict[tuple[str, int], object] = {}
 
 
 def register_model_config(path: str | os.PathLike) -> None:
@@ -262,9 +263,10 @@ class TextEncoder(nn.Module):
         """Token ids ``[B, context_length]`` (int64) from open_clip's tokenizer for this model (CPU)."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        if not hasattr(self, "_tokenizer"):
-            self._tokenizer = open_clip.get_tokenizer(self.model_name, context_length=self.context_length)
-        return self._tokenizer(list(prompts)).long()
+        key = (self.model_name, self.context_length)
+        if key not in _TOKENIZERS:  # kept outside the module: deep copies / pickles of the encoder stay light
+            _TOKENIZERS[key] = open_clip.get_tokenizer(self.model_name, context_length=self.context_length)
+        return _TOKENIZERS[key](list(prompts)).long()
 
     @torch.no_grad()
     def forward(self, prompts: list[str] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,15 +37,19 @@ _NAMES: tuple[str, ...] = tuple(PALETTE)
 _RGB = np.array(list(PALETTE.values()), dtype=np.float32)  # [10, 3], 0..255
 _SIZE_NAMES: tuple[str, ...] = tuple(SIZES)
 _SIZE_VALUES = np.array(list(SIZES.values()), dtype=np.float32)
+_AREA_FACTOR = {"square": 1.0, "circle": float(np.pi / 4), "triangle": 0.5}  # area / extent^2
 
 # Distances are Euclidean in 0..255 RGB; the palette's minimum pairwise distance is > 100.
 FOREGROUND_DISTANCE = 60.0  # a pixel this far from the background colour may belong to the shape
 PALETTE_MATCH_DISTANCE = 90.0  # a pixel votes for a palette colour only when it is this close to it
 CORE_FRACTION = 0.6  # vote among pixels at least this fraction of the (robust) farthest distance from background
 MIN_COMPONENT_FRACTION = 0.002  # components smaller than this share of the image (and < 3 px) are noise
-SQUARE_FILL = 0.88  # fill ratio of the bounding box above which a symmetric blob is a square
-TRIANGLE_FILL = 0.62  # ... below which it is a triangle
-TRIANGLE_ASYMMETRY = 0.08  # (centroid_y - box_centre_y) / box_height: 1/6 for the triangle, 0 for the others
+IMPURITY_WEIGHT = 0.3  # colour vote: cost of explaining a pixel as a (1 - alpha) mix with the background
+OFF_PALETTE_DISTANCE = 40.0  # a shape interior this far from its palette colour defines the colour itself
+SOFT_MARGIN = 2  # px around the mask's box summed for the soft (blur-proof) area
+SQUARE_FILL = 0.94  # soft fill ratio of the bounding box above which a symmetric blob is a square
+TRIANGLE_FILL = 0.65  # ... below which it is a triangle
+TRIANGLE_BOTTOM_SHARE = 0.62  # mass below the box centre: 3/4 for the apex-up triangle, 1/2 for the others
 
 
 def _to_hwc_float(image: Any) -> np.ndarray:
@@ -114,7 +118,7 @@ def _empty_geometry() -> dict[str, Any]:
         "position": None,
         "size": None,
         "fill_ratio": None,
-        "asymmetry": None,
+        "bottom_share": None,
         "centroid": None,
         "box_centre": None,
         "bbox": None,
@@ -160,42 +164,119 @@ def analyse_shapes_image(image: Any) -> dict[str, Any]:
     top = float(np.percentile(far, 95))
     core = candidates & (dist_bg >= max(FOREGROUND_DISTANCE, CORE_FRACTION * top))
     pix = img[core]
-    d = np.linalg.norm(pix[:, None, :] - _RGB[None, :, :], axis=2)  # [n, 10]
-    d[:, bg_index] = np.inf  # the shape never has the background's colour
-    nearest = np.argmin(d, axis=1)
-    ok = d[np.arange(len(nearest)), nearest] <= PALETTE_MATCH_DISTANCE
+    ci, alpha, cost, ok = _vote_colours(pix - bg_rgb, bg_rgb, bg_index)
     if not ok.any():
         return out
-    votes = np.bincount(nearest[ok], minlength=len(_NAMES))
-    ci = int(np.argmax(votes))
-    colour_rgb = np.median(pix[ok & (nearest == ci)], axis=0).astype(np.float32)
-    out["colour"] = _NAMES[ci]
-    out["colour_rgb"] = [round(float(v), 1) for v in colour_rgb]
-    out["colour_votes"] = round(float(votes[ci] / ok.sum()), 3)
+    votes = np.bincount(ci[ok], minlength=len(_NAMES))
+    winner = int(np.argmax(votes))
+    voters = ok & (ci == winner)
+    # the measured shape colour: mean of the purest quarter of the winner's voters
+    out["colour"] = _NAMES[winner]
+    out["colour_votes"] = round(float(votes[winner] / ok.sum()), 3)
 
-    # mask: more than half-way from the measured background towards the measured shape colour
-    axis = colour_rgb - bg_rgb
-    norm2 = float(axis @ axis)
-    if norm2 < 1e-6:
-        return out
-    t = ((img - bg_rgb) @ axis) / norm2
-    residual = np.linalg.norm(img - bg_rgb - t[..., None] * axis, axis=2)  # off the bg->shape line
-    mask = (t > 0.5) & (residual < max(PALETTE_MATCH_DISTANCE, 0.5 * np.sqrt(norm2)))
-    mask = _largest_component(mask)
+    # mask: more than half-way from the measured background towards the shape colour. The shape colour is the
+    # palette's (blurred small shapes have no pure pixel to measure), unless the mask's interior clearly shows
+    # another one (a generated shape in an off-palette shade)
+    colour_rgb = _RGB[winner]
+    t, mask = _shape_mask(img, bg_rgb, colour_rgb)
+    interior = _erode(mask)
+    if int(interior.sum()) >= 9:
+        measured = np.median(img[interior], axis=0).astype(np.float32)
+        if np.linalg.norm(measured - colour_rgb) > OFF_PALETTE_DISTANCE:
+            colour_rgb = measured
+            t, mask = _shape_mask(img, bg_rgb, colour_rgb)
+    out["colour_rgb"] = [round(float(v), 1) for v in colour_rgb]
     area = int(mask.sum())
     out["area"] = area
     if area < min_pixels:
         return out
+    out.update(_geometry(mask, t))
+    return out
 
+
+def _shape_mask(img: np.ndarray, bg_rgb: np.ndarray, colour_rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Soft membership ``t`` (projection on the bg->shape colour line, 0 bg, 1 shape) and the main component of
+    ``t > 0.5`` (pixels far off that line excluded)."""
+    axis = colour_rgb - bg_rgb
+    norm2 = max(float(axis @ axis), 1e-6)
+    offsets = img - bg_rgb
+    t = (offsets @ axis) / norm2
+    residual = np.linalg.norm(offsets - t[..., None] * axis, axis=2)
+    mask = (t > 0.5) & (residual < max(PALETTE_MATCH_DISTANCE, 0.5 * np.sqrt(norm2)))
+    opened = _open2x2(mask)  # drops one-pixel noise spurs that would widen the box
+    return t, _largest_component(opened if opened.any() else mask)
+
+
+def _open2x2(mask: np.ndarray) -> np.ndarray:
+    """Morphological opening with a 2x2 square: the union of all 2x2 blocks inside ``mask``."""
+    block = mask[:-1, :-1] & mask[1:, :-1] & mask[:-1, 1:] & mask[1:, 1:]
+    out = np.zeros_like(mask)
+    out[:-1, :-1] |= block
+    out[1:, :-1] |= block
+    out[:-1, 1:] |= block
+    out[1:, 1:] |= block
+    return out
+
+
+def _erode(mask: np.ndarray) -> np.ndarray:
+    """Pixels of ``mask`` whose four neighbours are in ``mask`` too."""
+    p = np.pad(mask, 1, constant_values=False)
+    return mask & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+
+
+def _vote_colours(
+    offsets: np.ndarray, bg_rgb: np.ndarray, bg_index: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Explain each pixel as a mix ``bg + alpha * (P - bg)`` of the background and a palette colour ``P``.
+
+    ``offsets``: pixel colours minus the background colour, ``[n, 3]``. The cost of colour ``P`` is the distance
+    of the pixel from the segment bg->P plus a penalty on impurity ``(1 - alpha)``: a blurred edge of a blue
+    shape on red then still votes blue, not purple (which lies near the red-blue segment), while a pure purple
+    pixel votes purple. Returns per pixel the best colour index, its alpha, its cost and whether the cost is
+    within :data:`PALETTE_MATCH_DISTANCE`.
+    """
+    w2 = IMPURITY_WEIGHT**2
+    v = _RGB - bg_rgb[None, :]  # [10, 3]
+    vv = np.maximum((v * v).sum(axis=1), 1e-6)  # [10]
+    alpha = np.clip((offsets @ v.T / vv[None, :] + w2) / (1.0 + w2), 0.0, 1.0)  # [n, 10]
+    resid = offsets[:, None, :] - alpha[:, :, None] * v[None, :, :]
+    cost = np.sqrt((resid * resid).sum(axis=2) + w2 * (1.0 - alpha) ** 2 * vv[None, :])
+    cost[:, bg_index] = np.inf  # the shape never has the background's colour
+    best = np.argmin(cost, axis=1)
+    rows = np.arange(len(best))
+    best_cost = cost[rows, best]
+    return best, alpha[rows, best], best_cost, best_cost <= PALETTE_MATCH_DISTANCE
+
+
+def _geometry(mask: np.ndarray, t: np.ndarray) -> dict[str, Any]:
+    """Shape, position and size of the component ``mask``; ``t`` is the soft shape membership (0 bg, 1 shape)."""
+    h, w = mask.shape
     ys, xs = np.nonzero(mask)
     x0, x1, y0, y1 = int(xs.min()), int(xs.max()) + 1, int(ys.min()), int(ys.max()) + 1
     bw, bh = x1 - x0, y1 - y0
-    fill = area / float(bw * bh)
     cx, cy = float(xs.mean()) + 0.5, float(ys.mean()) + 0.5
     bcx, bcy = (x0 + x1) / 2.0, (y0 + y1) / 2.0
-    asym = (cy - bcy) / bh
 
-    if asym > TRIANGLE_ASYMMETRY or fill < TRIANGLE_FILL:
+    # soft measurements over the box grown by a blur margin: blur moves membership across the 50 % line but
+    # keeps its sum, so the soft area survives blur where the thresholded area loses the corners
+    pad = SOFT_MARGIN
+    ry0, ry1, rx0, rx1 = max(0, y0 - pad), min(h, y1 + pad), max(0, x0 - pad), min(w, x1 + pad)
+    soft = t[ry0:ry1, rx0:rx1].astype(np.float64)
+    soft_area = float(soft.sum())
+    fill = soft_area / float(bw * bh)
+    row_centres = np.arange(ry0, ry1, dtype=np.float64) + 0.5
+    below = np.clip(row_centres + 0.5 - bcy, 0.0, 1.0)  # share of each row below the box centre
+    row_mass = soft.sum(axis=1)
+    bottom_share = float((row_mass * below).sum() / max(soft_area, 1e-6))
+    # skewness of the vertical mass profile: ~-0.57 for the apex-up triangle, 0 for circle and square; blur only
+    # adds variance, so unlike the box it does not depend on where the blurred apex crosses the 50 % line
+    prof = np.where(soft >= 0.15, np.minimum(soft, 1.0), 0.0).sum(axis=1)
+    m = prof / max(float(prof.sum()), 1e-6)
+    mu = float((m * row_centres).sum())
+    var = float((m * (row_centres - mu) ** 2).sum())
+    skew = float((m * (row_centres - mu) ** 3).sum()) / max(var, 1e-6) ** 1.5
+
+    if bottom_share > TRIANGLE_BOTTOM_SHARE or fill < TRIANGLE_FILL:
         shape = "triangle"
     elif fill > SQUARE_FILL:
         shape = "square"
@@ -204,21 +285,24 @@ def analyse_shapes_image(image: Any) -> dict[str, Any]:
 
     col = min(2, max(0, int(3.0 * bcx / w)))
     row = min(2, max(0, int(3.0 * bcy / h)))
-    extent = 0.5 * (bw / w + bh / h)
+    box_extent = 0.5 * (bw / w + bh / h)
+    # the soft area survives blur where the box does not (a blurred triangle loses its apex and base corners)
+    extent = float(np.sqrt(max(soft_area, 0.0) / _AREA_FACTOR[shape] / (h * w)))
     size = _SIZE_NAMES[int(np.argmin(np.abs(_SIZE_VALUES - extent)))]
-
-    out.update(
-        shape=shape,
-        position=POSITIONS[row * 3 + col],
-        size=size,
-        fill_ratio=round(fill, 4),
-        asymmetry=round(asym, 4),
-        centroid=(round(cx, 3), round(cy, 3)),
-        box_centre=(bcx, bcy),
-        bbox=(x0, y0, x1, y1),
-        extent=round(extent, 4),
-    )
-    return out
+    return {
+        "shape": shape,
+        "position": POSITIONS[row * 3 + col],
+        "size": size,
+        "fill_ratio": round(fill, 4),
+        "bottom_share": round(bottom_share, 4),
+        "skew": round(skew, 4),
+        "centroid": (round(cx, 3), round(cy, 3)),
+        "box_centre": (bcx, bcy),
+        "bbox": (x0, y0, x1, y1),
+        "extent": round(extent, 4),
+        "box_extent": round(box_extent, 4),
+        "area": int(mask.sum()),
+    }
 
 
 def _as_image_list(images: Any) -> list[Any]:

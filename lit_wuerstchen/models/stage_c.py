@@ -74,21 +74,27 @@ class StageC(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Xavier-uniform linear/conv weights and zero biases (as the released prior), then the identity start.
+        """Initialisation of the released Würstchen prior, ending in the identity start.
 
-        The GRN gamma/beta stay at their zero init (from the shared block). The output conv is zeroed, so
-        ``a = b = 0`` and the predicted noise equals ``x_t`` at initialisation.
+        Xavier-uniform weights and zero biases for every linear/conv layer (depthwise convs included), N(0, 0.02)
+        for the text mapper, each ResBlock's last MLP layer scaled by ``sqrt(1 / depth)``, zero TimestepBlock
+        mappers (FiLM starts as the identity) and GRN gamma/beta at zero (from the shared block). The output conv
+        is zeroed, so ``a = b = 0`` and the predicted noise equals ``x_t`` at initialisation.
         """
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        # Depthwise convs are (c, 1, k, k): xavier over fan-in k*k and fan-out c*k*k would shrink them; keep the
-        # default (kaiming-uniform) init for those.
+        for layer in self.text_mapper:
+            if isinstance(layer, nn.Linear):
+                nn.init.normal_(layer.weight, std=0.02)
+        depth = len(self.blocks) // 3
         for block in self.blocks:
             if isinstance(block, ResBlock):
-                block.depthwise.reset_parameters()
+                block.mlp[-1].weight.data.mul_((1.0 / depth) ** 0.5)
+            elif isinstance(block, TimestepBlock):
+                nn.init.zeros_(block.mapper.weight)
         nn.init.zeros_(self.out[1].weight)
         nn.init.zeros_(self.out[1].bias)
 
