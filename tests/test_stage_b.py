@@ -8,7 +8,7 @@ import torch
 
 from conftest import toy_data_args
 from lit_wuerstchen.cli import main
-from lit_wuerstchen.diffusion import linear_t_list
+from lit_wuerstchen.pipeline import sample_stage_b_latents
 from lit_wuerstchen.stages import CompressorConfig, OptimizerConfig, SamplingConfig, StageB, StageBConfig, load_stage_b
 from test_stage_a import datamodule, tiny_stage_a, trainer
 
@@ -69,8 +69,9 @@ def test_validation_decodes_images_and_logs_psnr(shapes_dir, stage_a_checkpoint)
     assert {"val/psnr", "val/ssim", "val/psnr_stage_a", "val/loss"} <= metrics.keys()
     images = torch.rand(2, 3, 32, 32)
     assert model.reconstruct(images).shape == images.shape
-    with pytest.raises(ValueError, match="divisible"):
-        model.sample_latents(torch.zeros(1, 16, 4, 4), (30, 32))
+    with pytest.raises(ValueError, match="multiples of 16"):
+        sample_stage_b_latents(model.decoder, model.stage_a, torch.zeros(1, 16, 4, 4), (24, 32),
+                               model.sampling_config, model.diffusion_config)
 
 
 def test_overfits_a_handful_of_images_far_better_than_a_constant(shapes_dir, stage_a_checkpoint):
@@ -90,8 +91,9 @@ def test_overfits_a_handful_of_images_far_better_than_a_constant(shapes_dir, sta
         optimizer.step()
     model.eval()
     target = model.encode_stage_a(images)
-    sampled = model.sample_latents(model.compressor(images), (32, 32), SamplingConfig(sampler="ddim", steps=20),
-                                   generator=torch.Generator().manual_seed(0))
+    sampled = sample_stage_b_latents(model.decoder, model.stage_a, model.compressor(images), (32, 32),
+                                     SamplingConfig(sampler="ddim", steps=20), model.diffusion_config,
+                                     generator=torch.Generator().manual_seed(0))
     error = torch.mean((sampled - target) ** 2)
     constant_baseline = torch.mean((target - target.mean(dim=0, keepdim=True)) ** 2)
     assert error < 0.25 * constant_baseline, (error.item(), constant_baseline.item())

@@ -1,5 +1,6 @@
 """Diffusion core: cosine schedule, training pieces (t samplers, targets, loss weights) and samplers."""
 
+from .config import DiffusionConfig, SamplingConfig
 from .sampling import (
     SAMPLERS,
     ModelFn,
@@ -39,6 +40,8 @@ from .training import (
 )
 
 __all__ = [
+    "DiffusionConfig",
+    "SamplingConfig",
     "CosineSchedule",
     "expand_like",
     "TSampler",

@@ -15,8 +15,9 @@ Detection, in order:
   the palette colour (background's excluded) that wins the nearest-palette vote within a distance threshold;
 * mask: pixels more than half-way from the background colour towards the measured shape colour (the 50 %
   iso-line keeps the area of a blurred shape), largest 4-connected component, tiny components ignored;
-* shape: fill ratio of the mask's bounding box (square ~1, circle ~pi/4, triangle ~1/2) together with the
-  vertical asymmetry of the mask (the apex-up triangle's centroid sits ext/6 below its box centre);
+* shape: triangle when the vertical mass profile is skewed (apex up: skewness ~-0.57, blur only shrinks it);
+  otherwise square vs circle from the soft fill ratio of the box (~1 vs ~pi/4) and a corner cue (kurtosis of
+  the mass along the diagonals minus along the axes: 0.6 for a square, 0 for a circle);
 * position: the box centre (what the generator jitters inside a grid cell) mapped to ``floor(3 * c / side)``;
 * size: the bounding-box extent as a fraction of the image side, nearest :data:`SIZES` value.
 """
@@ -47,9 +48,8 @@ MIN_COMPONENT_FRACTION = 0.002  # components smaller than this share of the imag
 IMPURITY_WEIGHT = 0.3  # colour vote: cost of explaining a pixel as a (1 - alpha) mix with the background
 OFF_PALETTE_DISTANCE = 40.0  # a shape interior this far from its palette colour defines the colour itself
 SOFT_MARGIN = 2  # px around the mask's box summed for the soft (blur-proof) area
-SQUARE_FILL = 0.94  # soft fill ratio of the bounding box above which a symmetric blob is a square
-TRIANGLE_FILL = 0.65  # ... below which it is a triangle
-TRIANGLE_BOTTOM_SHARE = 0.62  # mass below the box centre: 3/4 for the apex-up triangle, 1/2 for the others
+TRIANGLE_SKEW = -0.3  # vertical mass skewness below which the blob is the apex-up triangle (ideal -0.57)
+SQUARENESS = 0.55  # (corner cue + fill ratio) score above which a symmetric blob is a square (circle 0, square 1)
 
 
 def _to_hwc_float(image: Any) -> np.ndarray:
@@ -123,6 +123,10 @@ def _empty_geometry() -> dict[str, Any]:
         "box_centre": None,
         "bbox": None,
         "extent": None,
+        "box_extent": None,
+        "skew": None,
+        "corner": None,
+        "squareness": None,
         "area": 0,
     }
 
@@ -133,10 +137,10 @@ def analyse_shapes_image(image: Any) -> dict[str, Any]:
     ``image``: float tensor ``[3,H,W]`` in [0,1], uint8 ``HxWx3`` numpy array (float arrays in [0,1], ``HxWx3``
     tensors and PIL images work too). Returns the five attribute names (``None`` where nothing was found, e.g.
     ``colour``/``shape``/... on a plain image) plus the raw measurements: ``background_rgb``, ``colour_rgb``,
-    ``colour_votes`` (share of the core pixels that voted for the winner), ``fill_ratio`` (mask area / box
-    area), ``asymmetry`` (vertical centroid offset / box height), ``centroid`` and ``box_centre`` (``(x, y)``
-    in pixels, pixel centres at +0.5), ``bbox`` (``x0, y0, x1, y1`` exclusive), ``extent`` (box side as a
-    fraction of the image side), ``area`` (mask pixels).
+    ``colour_votes`` (share of the core pixels that voted for the winner), ``fill_ratio`` (soft area / box
+    area), ``skew``, ``corner``, ``squareness``, ``bottom_share`` (shape cues), ``centroid`` and ``box_centre`` (``(x, y)``
+    in pixels, pixel centres at +0.5), ``bbox`` (``x0, y0, x1, y1`` exclusive), ``extent`` (side from the soft area
+    and the detected shape, as a fraction of the image side; what ``size`` uses), ``box_extent``, ``area``.
     """
     img = _to_hwc_float(image)
     h, w, _ = img.shape
@@ -169,8 +173,6 @@ def analyse_shapes_image(image: Any) -> dict[str, Any]:
         return out
     votes = np.bincount(ci[ok], minlength=len(_NAMES))
     winner = int(np.argmax(votes))
-    voters = ok & (ci == winner)
-    # the measured shape colour: mean of the purest quarter of the winner's voters
     out["colour"] = _NAMES[winner]
     out["colour_votes"] = round(float(votes[winner] / ok.sum()), 3)
 
@@ -248,6 +250,14 @@ def _vote_colours(
     return best, alpha[rows, best], best_cost, best_cost <= PALETTE_MATCH_DISTANCE
 
 
+def _kurtosis(values: np.ndarray, weights: np.ndarray) -> float:
+    wsum = max(float(weights.sum()), 1e-6)
+    mu = float((weights * values).sum()) / wsum
+    d2 = (values - mu) ** 2
+    var = float((weights * d2).sum()) / wsum
+    return float((weights * d2 * d2).sum()) / wsum / max(var * var, 1e-9)
+
+
 def _geometry(mask: np.ndarray, t: np.ndarray) -> dict[str, Any]:
     """Shape, position and size of the component ``mask``; ``t`` is the soft shape membership (0 bg, 1 shape)."""
     h, w = mask.shape
@@ -275,10 +285,17 @@ def _geometry(mask: np.ndarray, t: np.ndarray) -> dict[str, Any]:
     mu = float((m * row_centres).sum())
     var = float((m * (row_centres - mu) ** 2).sum())
     skew = float((m * (row_centres - mu) ** 3).sum()) / max(var, 1e-6) ** 1.5
+    # corners: the square's mass projected on a diagonal is peaked (kurtosis 2.4) and on an axis flat (1.8); the
+    # circle's is the same (2.0) in every direction
+    wts = np.where(soft >= 0.15, np.minimum(soft, 1.0), 0.0)
+    yy, xx = np.meshgrid(row_centres, np.arange(rx0, rx1, dtype=np.float64) + 0.5, indexing="ij")
+    corner = 0.5 * (_kurtosis(xx + yy, wts) + _kurtosis(xx - yy, wts)) - 0.5 * (_kurtosis(xx, wts) + _kurtosis(yy, wts))
 
-    if bottom_share > TRIANGLE_BOTTOM_SHARE or fill < TRIANGLE_FILL:
+    # square-ness: corner cue and fill ratio, each scaled to 0 (circle) .. 1 (square), averaged
+    squareness = 0.5 * corner / 0.6 + 0.5 * (fill - np.pi / 4) / (1 - np.pi / 4)
+    if skew < TRIANGLE_SKEW:
         shape = "triangle"
-    elif fill > SQUARE_FILL:
+    elif squareness > SQUARENESS:
         shape = "square"
     else:
         shape = "circle"
@@ -296,6 +313,8 @@ def _geometry(mask: np.ndarray, t: np.ndarray) -> dict[str, Any]:
         "fill_ratio": round(fill, 4),
         "bottom_share": round(bottom_share, 4),
         "skew": round(skew, 4),
+        "corner": round(corner, 4),
+        "squareness": round(float(squareness), 4),
         "centroid": (round(cx, 3), round(cy, 3)),
         "box_centre": (bcx, bcy),
         "bbox": (x0, y0, x1, y1),

@@ -1,6 +1,7 @@
 """One LightningModule per stage: the training step, what is frozen, what is logged."""
 
-from .base import DiffusionConfig, OptimizerConfig, SamplingConfig, Stage
+from ..diffusion import DiffusionConfig, SamplingConfig
+from .base import OptimizerConfig, Stage
 from .stage_a import StageA, load_vqgan
 from .stage_b import CompressorConfig, StageB, StageBConfig, load_stage_b
 

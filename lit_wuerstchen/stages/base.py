@@ -10,14 +10,6 @@ import lightning as L
 import torch
 from torch import nn
 
-from ..diffusion import (
-    CosineSchedule,
-    linear_t_list,
-    make_loss_weight,
-    make_sampler,
-    make_t_sampler,
-    make_target,
-)
 
 
 @dataclass
@@ -57,43 +49,6 @@ class OptimizerConfig:
         return optimizer, scheduler
 
 
-@dataclass
-class DiffusionConfig:
-    """The swappable diffusion pieces of DESIGN.md §3 (defaults: the official Würstchen choices)."""
-
-    schedule_s: float = 0.008
-    logsnr_shift: float = 1.0
-    """Stable Cascade's logSNR shift (1: none; 2 for its Stage C)."""
-    t_sampler: Literal["official", "uniform"] = "official"
-    target: Literal["eps", "v"] = "eps"
-    loss_weight: Literal["none", "p2_official", "p2_paper"] = "p2_official"
-
-    def build(self):
-        """(schedule, t sampler, target, loss weight)."""
-        schedule = CosineSchedule(s=self.schedule_s, logsnr_shift=self.logsnr_shift)
-        return schedule, make_t_sampler(self.t_sampler), make_target(self.target), make_loss_weight(self.loss_weight)
-
-
-@dataclass
-class SamplingConfig:
-    """How a stage samples: sampler, number of model evaluations, classifier-free guidance scale."""
-
-    sampler: Literal["ddpm", "ddim"] = "ddpm"
-    steps: int = 12
-    guidance_scale: float = 1.0
-    """1: conditional prediction only (no unconditional pass)."""
-    t_list: list[float] | None = None
-    """Explicit descending t values (N+1 values = N evaluations); overrides ``steps``."""
-
-    def sample(self, cond_fn, uncond_fn, shape, schedule, target, generator=None, device=None, progress=None):
-        t_list = self.t_list if self.t_list is not None else linear_t_list(self.steps)
-        return make_sampler(self.sampler)(
-            cond_fn, shape, t_list, schedule, generator=generator, device=device,
-            guidance_scale=self.guidance_scale, uncond_fn=uncond_fn if self.guidance_scale != 1.0 else None,
-            progress=progress, target=target,
-        )
-
-
 def as_dataclass(cls, value):
     """Accept a config dataclass or its dict form (how checkpoints store hyper-parameters)."""
     return cls(**value) if isinstance(value, dict) else value
@@ -105,6 +60,34 @@ class Stage(L.LightningModule):
     Subclasses implement ``ema_network`` (the one trained network the EMA callback averages: never frozen
     encoders or metric networks) and ``log_images`` (named image grids in [0, 1] for the image logger).
     """
+
+    def hold_frozen(self, name: str, module: nn.Module) -> nn.Module:
+        """Keep a frozen network (text encoder, LPIPS, earlier stages) *outside* the module tree.
+
+        It stays out of checkpoints, the EMA, the optimiser and FSDP wrapping, yet moves with the LightningModule
+        (``.to()``) and is always in eval mode. Access it as ``self.<name>``.
+        """
+        module.requires_grad_(False).eval()
+        if "_frozen" not in self.__dict__:
+            object.__setattr__(self, "_frozen", {})
+        self._frozen[name] = module
+        object.__setattr__(self, name, module)
+        return module
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        return self.__dict__.get("_frozen", {})
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        for module in self.frozen_modules().values():
+            module._apply(fn, recurse)
+        return self
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for module in self.frozen_modules().values():
+            module.eval()
+        return self
 
     def store_plain_hparams(self, **configs) -> None:
         """Keep config dataclasses as plain dicts in ``hparams``: checkpoints then load with ``weights_only``."""

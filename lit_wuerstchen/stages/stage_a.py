@@ -61,11 +61,10 @@ class StageA(Stage):
         self.discriminator = (
             PatchDiscriminator(discriminator_channels, discriminator_layers) if adversarial_weight > 0 else None
         )
-        # The frozen LPIPS network is a loss, not part of the model: kept out of the module tree so it stays
-        # out of checkpoints, EMA and FSDP wrapping; moved to the device in on_fit_start.
-        object.__setattr__(
-            self, "_lpips", build_lpips(perceptual_net, perceptual_backbone_weights) if perceptual_weight > 0 else None
-        )
+        # The frozen LPIPS network is a loss, not part of the model.
+        self._lpips = None
+        if perceptual_weight > 0:
+            self.hold_frozen("_lpips", build_lpips(perceptual_net, perceptual_backbone_weights))
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0, reduction="elementwise_mean", dim=(1, 2, 3))
         self.val_psnr_unquantized = PeakSignalNoiseRatio(data_range=1.0, reduction="elementwise_mean", dim=(1, 2, 3))
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
@@ -83,10 +82,6 @@ class StageA(Stage):
             self.discriminator.parameters(), self.hparams.discriminator_lr, total_steps=self.trainer.max_steps
         )
         return [optimizer, d_optimizer], [scheduler, d_scheduler]
-
-    def on_fit_start(self) -> None:
-        if self._lpips is not None:
-            self._lpips.to(self.device)
 
     def _reconstruction_loss(self, reconstruction: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         if self.hparams.reconstruction_loss == "l1":

@@ -10,12 +10,13 @@ import torch
 from torch import nn
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from ..diffusion import diffusion_loss
+from ..diffusion import DiffusionConfig, SamplingConfig, diffusion_loss
 from ..models.compressor import SemanticCompressor
 from ..models.stage_b import StageB as StageBNetwork
 from ..models.stage_b import perturb_semantic
 from ..models.vqgan import VQGAN, VQGANConfig
-from .base import DiffusionConfig, OptimizerConfig, SamplingConfig, Stage, as_dataclass
+from ..pipeline import sample_stage_b
+from .base import OptimizerConfig, Stage, as_dataclass
 from .stage_a import load_vqgan
 
 
@@ -162,33 +163,10 @@ class StageB(Stage):
 
     # --- sampling -------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def sample_latents(
-        self,
-        semantic: torch.Tensor,
-        image_size: tuple[int, int],
-        sampling: SamplingConfig | None = None,
-        generator: torch.Generator | None = None,
-        progress=None,
-    ) -> torch.Tensor:
-        """Stage A latents (scaled) for images of ``image_size`` from semantic latents, by diffusion sampling."""
-        sampling = sampling or self.sampling_config
-        factor = self.stage_a.config.downsampling
-        if image_size[0] % factor or image_size[1] % factor:
-            raise ValueError(f"image size {image_size} is not divisible by Stage A's downsampling factor {factor}")
-        shape = (semantic.shape[0], self.decoder.latent_channels, image_size[0] // factor, image_size[1] // factor)
-        unconditional = torch.zeros_like(semantic)
-        return sampling.sample(
-            lambda x, t: self.decoder(x, t, semantic),
-            lambda x, t: self.decoder(x, t, unconditional),
-            shape, self.schedule, self.diffusion_config.target, generator=generator, device=semantic.device,
-            progress=progress,
-        )
-
-    @torch.no_grad()
     def reconstruct(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """image -> compressor -> Stage B sampling -> Stage A decode."""
-        latents = self.sample_latents(self.compressor(images), tuple(images.shape[-2:]), generator=generator)
-        return self.decode_stage_a(latents)
+        return sample_stage_b(self.decoder, self.stage_a, self.compressor(images), tuple(images.shape[-2:]),
+                              self.sampling_config, self.diffusion_config, generator)
 
     # --- validation -----------------------------------------------------------------------------------------
     def validation_step(self, batch: dict, batch_idx: int) -> None:
