@@ -3,5 +3,6 @@
 from .crash_checkpoint import CrashCheckpoint
 from .ema import EMA
 from .image_logger import ImageLogger
+from .sample_writer import SampleWriter
 
-__all__ = ["CrashCheckpoint", "EMA", "ImageLogger"]
+__all__ = ["CrashCheckpoint", "EMA", "ImageLogger", "SampleWriter"]

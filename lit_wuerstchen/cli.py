@@ -19,7 +19,9 @@ training (Lightning; configs compose: -c base.yaml -c override.yaml, later wins)
   test       run the test loop
   predict    run the prediction loop
 
-tools:
+inference and tools:
+  sample     text -> images from a Stage C checkpoint or exported pipeline (PNGs + samples.jsonl)
+  export     a Stage C checkpoint (+ its Stages B and A) -> self-contained safetensors pipeline folder
   data       dataset tools: 'data shapes' (synthetic captioned set), 'data folder' (your images -> shards)
 
 'python -m lit_wuerstchen <command> --help' shows the options of each command.
@@ -56,5 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         from .data.cli import main as data_main
 
         return data_main(argv[1:], prog="python -m lit_wuerstchen data")
+    if argv[0] in ("sample", "export"):
+        from .sample import main_export, main_sample
+
+        return (main_sample if argv[0] == "sample" else main_export)(argv[1:])
     run_lightning_cli(None if from_command_line else argv)
     return 0

@@ -214,6 +214,9 @@ class WuerstchenPipeline(nn.Module):
             "latent_std": state["latent_std"].flatten().tolist(),
             "prior_diffusion": hparams["diffusion"],
             "decoder_diffusion": b_hparams["diffusion"],
+            "image_size": checkpoint.get("image_size"),
+            "prior_sampling": hparams.get("validation_sampling"),
+            "decoder_sampling": hparams.get("decoder_sampling"),
         }
         text_encoder = _build_text_encoder(config)
         if "text_encoder_state_dict" in checkpoint:  # a randomly initialised encoder travels with Stage C
@@ -252,4 +255,6 @@ def _common_args(config: dict) -> dict:
 
 
 def _part_config(config: dict) -> dict:
-    return {k: config[k] for k in ("text_encoder", "prior", "decoder", "stage_a") if k in config}
+    """What the pipeline keeps of its config: the parts' settings and the sampling defaults it was trained with."""
+    keys = ("text_encoder", "prior", "decoder", "stage_a", "image_size", "prior_sampling", "decoder_sampling")
+    return {k: config[k] for k in keys if config.get(k) is not None}

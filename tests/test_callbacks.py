@@ -8,7 +8,7 @@ from torch import nn
 
 from callbacks import EMA, ImageLogger
 from lit_wuerstchen.stages import load_vqgan
-from test_stage_a import datamodule, tiny_stage_a, trainer
+from conftest import datamodule, tiny_stage_a, trainer
 
 
 class _Holder(nn.Module):

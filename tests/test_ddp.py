@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_stage_a import datamodule, tiny_stage_a, trainer
+from conftest import datamodule, tiny_stage_a, trainer
 
 
 @pytest.mark.timeout(300)

@@ -6,32 +6,11 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import toy_data_args
+from conftest import TINY, datamodule, tiny_stage_a, toy_data_args, trainer
 from lit_wuerstchen.cli import main
 from lit_wuerstchen.data import ShardDataModule
 from lit_wuerstchen.models.vqgan import VQGAN, VQGANConfig
 from lit_wuerstchen.stages import OptimizerConfig, StageA, load_vqgan
-
-TINY = VQGANConfig(channels=[16, 32], encoder_blocks=[1, 1], decoder_blocks=[1, 1], codebook_size=64)
-
-
-def tiny_stage_a(**kwargs) -> StageA:
-    kwargs.setdefault("optimizer", OptimizerConfig(lr=2e-3, warmup_steps=0))
-    return StageA(vqgan=TINY, **kwargs)
-
-
-def datamodule(shapes_dir, batches: int = 40) -> ShardDataModule:
-    return ShardDataModule(
-        train_shards=f"{shapes_dir}/train-{{000000..000003}}.tar", val_shards=f"{shapes_dir}/val-000000.tar",
-        resolution=32, batch_size=8, num_workers=0, train_batches_per_epoch=batches, shuffle_buffer=64,
-    )
-
-
-def trainer(**kwargs) -> L.Trainer:
-    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
-    return L.Trainer(**{**defaults, **kwargs})
-
 
 def test_paper_scale_vqgan_size():
     with torch.device("meta"):

@@ -2,37 +2,13 @@
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
 
-from conftest import toy_data_args
+from conftest import TINY_COMPRESSOR, TINY_NETWORK, datamodule, tiny_stage_b, toy_data_args, trainer
 from lit_wuerstchen.cli import main
 from lit_wuerstchen.pipeline import sample_stage_b_latents
-from lit_wuerstchen.stages import CompressorConfig, OptimizerConfig, SamplingConfig, StageB, StageBConfig, load_stage_b
-from test_stage_a import datamodule, tiny_stage_a, trainer
-
-TINY_NETWORK = StageBConfig(widths=[16, 32], blocks=[1, 1], heads=[0, 2], semantic_levels=[0, 1], r_embedding_dim=16)
-TINY_COMPRESSOR = CompressorConfig(backbone="tiny", pretrained=False, tiny_widths=[8, 16])
-
-
-@pytest.fixture(scope="module")
-def stage_a_checkpoint(tmp_path_factory, shapes_dir):
-    """A briefly trained tiny Stage A, saved like a real run."""
-    path = tmp_path_factory.mktemp("stage_a") / "stage_a.ckpt"
-    torch.manual_seed(0)
-    model = tiny_stage_a()
-    fit = trainer(max_steps=20, limit_val_batches=0)
-    fit.fit(model, datamodule=datamodule(shapes_dir, batches=20))
-    fit.save_checkpoint(path)
-    return path
-
-
-def tiny_stage_b(stage_a_checkpoint, **kwargs) -> StageB:
-    kwargs.setdefault("optimizer", OptimizerConfig(lr=2e-3, warmup_steps=0))
-    kwargs.setdefault("validation_sampling", SamplingConfig(sampler="ddim", steps=4))
-    return StageB(stage_a_checkpoint=str(stage_a_checkpoint), compression=8, network=TINY_NETWORK,
-                  compressor=TINY_COMPRESSOR, **kwargs)
+from lit_wuerstchen.stages import OptimizerConfig, SamplingConfig, StageB, StageBConfig, load_stage_b
 
 
 def test_missing_or_mismatched_stage_a_is_a_clear_error(tmp_path, stage_a_checkpoint):

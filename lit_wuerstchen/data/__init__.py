@@ -2,6 +2,7 @@
 
 from .datamodule import ShardDataModule, ShardTrainDataset, ShardValDataset, expand_braces, expand_shards
 from .folder import convert_folder
+from .prompts import PromptDataModule, read_prompts
 from .shapes import (
     PALETTE,
     POSITIONS,
@@ -20,6 +21,7 @@ __all__ = [
     "POSITIONS",
     "SHAPES",
     "SIZES",
+    "PromptDataModule",
     "ShardDataModule",
     "ShardReadError",
     "ShardTrainDataset",
@@ -35,6 +37,7 @@ __all__ = [
     "load_rgb",
     "make_caption",
     "parse_caption",
+    "read_prompts",
     "read_manifest",
     "render_sample",
 ]

@@ -4,6 +4,7 @@ from ..diffusion import DiffusionConfig, SamplingConfig
 from .base import OptimizerConfig, Stage
 from .stage_a import StageA, load_vqgan
 from .stage_b import CompressorConfig, StageB, StageBConfig, load_stage_b
+from .stage_c import StageC, StageCConfig, TextEncoderConfig
 
 __all__ = [
     "CompressorConfig",
@@ -14,6 +15,9 @@ __all__ = [
     "StageA",
     "StageB",
     "StageBConfig",
+    "StageC",
+    "StageCConfig",
+    "TextEncoderConfig",
     "load_stage_b",
     "load_vqgan",
 ]
