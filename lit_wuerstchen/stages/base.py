@@ -99,6 +99,11 @@ class Stage(L.LightningModule):
     def log_images(self, batch: dict) -> dict[str, torch.Tensor]:
         return {}
 
+    def evaluation_images(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [0, 1] that evaluation callbacks (FID, CLIP score) compare with ``batch``: reconstructions of
+        ``batch["image"]`` for Stages A and B, generations from ``batch["caption"]`` for Stage C."""
+        raise NotImplementedError
+
     def log_data_errors(self, split: str) -> None:
         """Log the skipped-sample counters that the ShardDataModule gathers from its workers (host ints: no sync)."""
         datamodule = getattr(self.trainer, "datamodule", None)

@@ -183,6 +183,9 @@ class StageA(Stage):
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         return {"key": batch["key"], "reconstruction": self.reconstruct(batch["image"])}
 
+    def evaluation_images(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.reconstruct(batch["image"])
+
     def log_images(self, batch: dict) -> dict[str, torch.Tensor]:
         images = batch["image"][: self.hparams.num_logged_images]
         return {"input": images, "reconstruction": self.reconstruct(images)}

@@ -191,6 +191,9 @@ class StageB(Stage):
     test_step = validation_step
     on_test_epoch_end = on_validation_epoch_end
 
+    def evaluation_images(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.reconstruct(batch["image"], generator)
+
     def log_images(self, batch: dict) -> dict[str, torch.Tensor]:
         images = batch["image"][: self.hparams.num_logged_images]
         generator = torch.Generator(device=images.device).manual_seed(0)

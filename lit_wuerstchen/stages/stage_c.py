@@ -210,6 +210,9 @@ class StageC(Stage):
     test_step = validation_step
     on_test_epoch_end = on_validation_epoch_end
 
+    def evaluation_images(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.generate(batch["caption"], tuple(batch["image"].shape[-2:]), generator)
+
     def log_images(self, batch: dict) -> dict[str, torch.Tensor]:
         count = self.hparams.num_logged_images
         images, captions = batch["image"][:count], batch["caption"][:count]
