@@ -2,7 +2,8 @@
 
 from .crash_checkpoint import CrashCheckpoint
 from .ema import EMA
+from .evaluation import CLIPScoreEvaluation, FIDEvaluation
 from .image_logger import ImageLogger
 from .sample_writer import SampleWriter
 
-__all__ = ["CrashCheckpoint", "EMA", "ImageLogger", "SampleWriter"]
+__all__ = ["CLIPScoreEvaluation", "CrashCheckpoint", "EMA", "FIDEvaluation", "ImageLogger", "SampleWriter"]

@@ -22,6 +22,7 @@ training (Lightning; configs compose: -c base.yaml -c override.yaml, later wins)
 inference and tools:
   sample     text -> images from a Stage C checkpoint or exported pipeline (PNGs + samples.jsonl)
   export     a Stage C checkpoint (+ its Stages B and A) -> self-contained safetensors pipeline folder
+  evaluate   FID / CLIP score / shapes alignment of a 'sample' output folder -> JSON report
   data       dataset tools: 'data shapes' (synthetic captioned set), 'data folder' (your images -> shards)
 
 'python -m lit_wuerstchen <command> --help' shows the options of each command.
@@ -30,6 +31,13 @@ inference and tools:
 
 class WuerstchenCLI(LightningCLI):
     """LightningCLI with our defaults: subclass mode for model and data, omegaconf+ interpolation."""
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning would apply the checkpoint's saved hyper-parameters *over* the given configs and flags, so
+        # `validate --ckpt_path X --model.init_args.validation_sampling.steps=50` would silently ignore the
+        # flag. Here the configs you pass are the configs used; the checkpoint provides weights and state
+        # (pass the run's saved config.yaml to reuse its settings).
+        return
 
 
 def run_lightning_cli(args: list[str] | None = None) -> WuerstchenCLI:
@@ -62,5 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         from .sample import main_export, main_sample
 
         return (main_sample if argv[0] == "sample" else main_export)(argv[1:])
+    if argv[0] == "evaluate":
+        from .evaluation.report import main as evaluate_main
+
+        return evaluate_main(argv[1:])
     run_lightning_cli(None if from_command_line else argv)
     return 0
