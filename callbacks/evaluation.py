@@ -142,7 +142,7 @@ class GenerativeEvaluation(Callback):
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.on_validate and trainer.state.fn == "validate" and not trainer.sanity_checking:
-            self.run(trainer, pl_module)
+            self.run(trainer, pl_module, in_validation=True)
 
     # -- the evaluation pass -------------------------------------------------------------------------------------
     def _val_loader(self, trainer: Trainer):
@@ -166,7 +166,8 @@ class GenerativeEvaluation(Callback):
         bar = tqdm(total=wanted, desc=self.description, leave=False, dynamic_ncols=True,
                    disable=trainer.global_rank != 0)
         try:
-            for full in loader or []:
+            empty = loader is None or (isinstance(loader, (list, tuple)) and not loader)  # no bool(): no __len__
+            for full in [] if empty else loader:
                 n = _batch_len(full)
                 step = self.batch_size or n
                 for start in range(0, n, step):
@@ -191,8 +192,11 @@ class GenerativeEvaluation(Callback):
             log.warning("%s: rank %d's validation data gave %d of its %d images", self.metric, trainer.global_rank, done, wanted)
         return {k: torch.cat(v) for k, v in results.items()}
 
-    def run(self, trainer: Trainer, pl_module: LightningModule) -> float | None:
-        """One evaluation on every rank; returns the metric (the same on all ranks; None if nothing was made)."""
+    def run(self, trainer: Trainer, pl_module: LightningModule, in_validation: bool = False) -> float | None:
+        """One evaluation on every rank; returns the metric (the same on all ranks; None if nothing was made).
+
+        ``in_validation``: called from a validation hook, log through ``pl_module.log``; else straight to the
+        loggers at ``trainer.global_step`` (and into ``trainer.callback_metrics``)."""
         self.before_run(trainer, pl_module)
         ema = _find_ema(trainer)
         swapped = ema is not None and getattr(ema, "_backup", None) is None  # validate() may have swapped already
@@ -219,14 +223,14 @@ class GenerativeEvaluation(Callback):
             value = self.compute(trainer, gathered)
         value = trainer.strategy.broadcast(value, src=0)
         if value is not None and math.isfinite(value):
-            self._log(trainer, pl_module, float(value))
+            self._log(trainer, pl_module, float(value), in_validation)
         return value
 
     def gather_keys(self) -> list[str]:
         raise NotImplementedError
 
-    def _log(self, trainer: Trainer, pl_module: LightningModule, value: float) -> None:
-        if trainer.state.fn == "validate":
+    def _log(self, trainer: Trainer, pl_module: LightningModule, value: float, in_validation: bool) -> None:
+        if in_validation:
             pl_module.log(self.metric, value, on_step=False, on_epoch=True, batch_size=1, sync_dist=False)
             return
         trainer.callback_metrics[self.metric] = torch.tensor(value)

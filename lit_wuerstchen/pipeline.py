@@ -88,7 +88,10 @@ def sample_stage_c(
 
 
 class WuerstchenPipeline(nn.Module):
-    """All inference parts of a trained Würstchen, frozen, in eval mode.
+    """All inference parts of a trained Würstchen (``load`` returns it frozen, in eval mode).
+
+    Stage C's validation builds one over its live networks, so the constructor leaves their modes and
+    ``requires_grad`` alone.
 
     ``latent_mean`` / ``latent_std`` map the compressor's semantic latent to what Stage C models
     (``(x - mean) / std``; v2: mean -1, std 42, i.e. ``(x + 1) / 42``).
@@ -114,10 +117,6 @@ class WuerstchenPipeline(nn.Module):
         self.register_buffer("latent_std", latent_std.detach().reshape(1, -1, 1, 1).clone())
         self.prior_diffusion, self.decoder_diffusion = prior_diffusion, decoder_diffusion
         self.config = config or {}
-        self.requires_grad_(False).eval()
-
-    def train(self, mode: bool = True):
-        return super().train(False)
 
     @property
     def device(self) -> torch.device:
@@ -172,10 +171,12 @@ class WuerstchenPipeline(nn.Module):
         """From an exported folder or a Stage C checkpoint (whose Stage B is found from its hparams)."""
         path = Path(path)
         if path.is_dir():
-            return cls._from_export(path)
-        if not path.is_file():
+            pipeline = cls._from_export(path)
+        elif path.is_file():
+            pipeline = cls._from_stage_c_checkpoint(path, stage_b_checkpoint, use_ema)
+        else:
             raise FileNotFoundError(f"no Stage C checkpoint or exported pipeline at {path}")
-        return cls._from_stage_c_checkpoint(path, stage_b_checkpoint, use_ema)
+        return pipeline.requires_grad_(False).eval()
 
     @classmethod
     def _from_export(cls, directory: Path) -> WuerstchenPipeline:

@@ -166,3 +166,11 @@ def test_cli_fast_dev_run(shapes_dir, stage_b_checkpoint, in_tmp_cwd):
           f"--model.init_args.stage_b_checkpoint={stage_b_checkpoint}", "--model.init_args.normalization_batches=1",
           "--model.init_args.validation_sampling.t_list=[1.0,0.5,0.0]",
           "--model.init_args.decoder_sampling.steps=2", *toy_data_args(shapes_dir)])
+
+
+def test_validation_sampling_leaves_the_prior_trainable(stage_b_checkpoint, shapes_dir):
+    model = tiny_stage_c(stage_b_checkpoint)
+    model.train()
+    model.generate(["a small red circle on a blue background, top left"], (32, 32))
+    assert model.prior.training
+    assert all(p.requires_grad for p in model.prior.parameters())

@@ -7,7 +7,8 @@ Reads ``DIR/samples.jsonl`` (written by ``sample`` / ``callbacks.SampleWriter``:
   pattern whose ``png``/``jpg``/``jpeg``/``webp`` members are read), reference images centre-cropped to the
   samples' aspect and resized to their size (PIL bicubic) first;
 - ``clip_score``: mean of ``100 * max(cos(image, prompt), 0)`` with an open_clip model;
-- ``shapes_alignment``: attribute accuracy for prompts of the synthetic shapes caption grammar.
+- ``shapes_alignment``: attribute accuracy for prompts of the synthetic shapes caption grammar (``count`` scored,
+  ``unparsed_prompts`` outside the grammar).
 
 A metric that cannot be computed (disabled, no reference, Inception/CLIP weights missing offline, no shapes
 prompts) appears as ``{"skipped": reason}``; the rest is still written. Exit code 2 with a one-line error only
@@ -231,7 +232,9 @@ def evaluate_samples(
         if result["count"] == 0:
             metrics["shapes_alignment"] = {"skipped": "no prompt follows the synthetic shapes caption grammar"}
         else:
-            metrics["shapes_alignment"] = {k: (int(v) if k in ("count", "skipped") else v) for k, v in result.items()}
+            # shapes_alignment's own "skipped" (prompts outside the grammar) is renamed: "skipped" marks a skipped metric
+            metrics["shapes_alignment"] = {**{k: v for k, v in result.items() if k not in ("count", "skipped")},
+                                           "count": int(result["count"]), "unparsed_prompts": int(result["skipped"])}
     return report
 
 

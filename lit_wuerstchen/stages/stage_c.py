@@ -184,10 +184,12 @@ class StageC(Stage):
     @torch.no_grad()
     def generate(self, prompts: list[str], image_size: tuple[int, int], generator=None) -> torch.Tensor:
         was_training = self.prior.training
-        images = self.pipeline().generate(prompts, *image_size, self.sampling_config, self.decoder_sampling_config,
-                                          generator=generator)
-        self.prior.train(was_training)
-        return images
+        self.prior.eval()
+        try:
+            return self.pipeline().generate(prompts, *image_size, self.sampling_config, self.decoder_sampling_config,
+                                            generator=generator)
+        finally:
+            self.prior.train(was_training)
 
     # --- validation -----------------------------------------------------------------------------------------
     def validation_step(self, batch: dict, batch_idx: int) -> None:
