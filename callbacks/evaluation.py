@@ -119,6 +119,9 @@ class GenerativeEvaluation(Callback):
     def before_run(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Called on every rank before an evaluation pass (collectives allowed)."""
 
+    def after_run(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Called on every rank after an evaluation pass (also when it failed)."""
+
     def process(self, trainer: Trainer, batch: dict, images: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
@@ -198,6 +201,12 @@ class GenerativeEvaluation(Callback):
         ``in_validation``: called from a validation hook, log through ``pl_module.log``; else straight to the
         loggers at ``trainer.global_step`` (and into ``trainer.callback_metrics``)."""
         self.before_run(trainer, pl_module)
+        try:
+            return self._run(trainer, pl_module, in_validation)
+        finally:
+            self.after_run(trainer, pl_module)
+
+    def _run(self, trainer: Trainer, pl_module: LightningModule, in_validation: bool) -> float | None:
         ema = _find_ema(trainer)
         swapped = ema is not None and getattr(ema, "_backup", None) is None  # validate() may have swapped already
         was_training = pl_module.training
@@ -358,6 +367,8 @@ class CLIPScoreEvaluation(GenerativeEvaluation):
         model_name / pretrained / weights_file / model_config_file: the open_clip model (see
             :class:`lit_wuerstchen.evaluation.ClipScorer`); offline and not cached fails at ``setup``.
         every_n_steps / num_images / batch_size / on_validate / seed: as :class:`FIDEvaluation`.
+        offload: keep the CLIP model on the CPU between evaluations (ViT-bigG-14 is ~10 GB in float32) and move
+            it to the GPU only for the evaluation pass.
         scorer: for tests: an object with ``score(images, prompts) -> [N]`` instead of building a CLIP model.
     """
 
@@ -367,17 +378,27 @@ class CLIPScoreEvaluation(GenerativeEvaluation):
     def __init__(self, model_name: str = "ViT-bigG-14", pretrained: str | None = "laion2b_s39b_b160k",
                  weights_file: str | None = None, model_config_file: str | None = None,
                  every_n_steps: int = 5000, num_images: int = 10000, batch_size: int | None = None,
-                 on_validate: bool = True, seed: int = 0, scorer: Any = None):
+                 on_validate: bool = True, seed: int = 0, offload: bool = True, scorer: Any = None):
         super().__init__(every_n_steps, num_images, batch_size, on_validate, seed)
         self.model_name, self.pretrained = model_name, pretrained
         self.weights_file, self.model_config_file = weights_file, model_config_file
+        self.offload = offload
         self.scorer = scorer
 
     def build(self, trainer: Trainer, device: torch.device) -> None:
         if self.scorer is None:
             from lit_wuerstchen.evaluation.features import ClipScorer
 
-            self.scorer = ClipScorer(self.model_name, self.pretrained, self.weights_file, self.model_config_file, device=device)
+            where = torch.device("cpu") if self.offload else device
+            self.scorer = ClipScorer(self.model_name, self.pretrained, self.weights_file, self.model_config_file, device=where)
+
+    def before_run(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.offload and hasattr(self.scorer, "to"):
+            self.scorer.to(pl_module.device)
+
+    def after_run(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.offload and hasattr(self.scorer, "to"):
+            self.scorer.to("cpu")
 
     def process(self, trainer: Trainer, batch: dict, images: torch.Tensor) -> dict[str, torch.Tensor]:
         captions = batch.get("caption")

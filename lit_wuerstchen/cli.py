@@ -40,8 +40,9 @@ class WuerstchenCLI(LightningCLI):
         return
 
 
-def run_lightning_cli(args: list[str] | None = None) -> WuerstchenCLI:
-    """Run the LightningCLI on ``args`` (None: the command line)."""
+def run_lightning_cli(args: list[str] | None = None, run: bool = True) -> WuerstchenCLI:
+    """Run the LightningCLI on ``args`` (None: the command line). ``run=False``: only instantiate model, data
+    and trainer from configs given without a subcommand (benchmarks, notebooks)."""
     # Absolute ${model...} interpolations keep working inside nested (subclass) groups.
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     return WuerstchenCLI(
@@ -53,6 +54,7 @@ def run_lightning_cli(args: list[str] | None = None) -> WuerstchenCLI:
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
         args=args,
+        run=run,
     )
 
 

@@ -29,7 +29,7 @@ from lit_wuerstchen.evaluation.features import (
     frechet_distance_from_statistics,
     load_or_compute_reference_stats,
 )
-from tests.conftest import datamodule, tiny_stage_a, trainer
+from conftest import REPO, datamodule, tiny_stage_a, trainer
 
 
 class RandomConvFeatures(torch.nn.Module):
@@ -302,7 +302,7 @@ def test_toy_eval_fid_override_appends(capsys):
     import yaml
 
     from lit_wuerstchen.cli import main
-    from tests.conftest import REPO
+
 
     args = ["fit"] + [a for c in ("stage_c.yaml", "toy/stage_c.yaml", "toy/eval_fid.yaml") for a in ("-c", str(REPO / "experiments" / c))]
     with pytest.raises(SystemExit) as exit_info:
@@ -314,3 +314,19 @@ def test_toy_eval_fid_override_appends(capsys):
     clip = next(c for c in callbacks if c["class_path"] == "callbacks.CLIPScoreEvaluation")["init_args"]
     fid = next(c for c in callbacks if c["class_path"] == "callbacks.FIDEvaluation")["init_args"]
     assert clip["model_name"] == "wuerstchen-tiny-clip" and clip["num_images"] == 128 and fid["num_images"] == 128
+
+
+@pytest.mark.timeout(120)
+def test_callbacks_under_ddp_uneven_shares(shapes_dir, tmp_path):
+    """2 CPU processes (gloo): 15 images split 8 + 7, gathered with padding; rank 0 writes the reference."""
+    stats = tmp_path / "ref.npz"
+    fid = FIDEvaluation(every_n_steps=2, num_images=15, reference_stats=str(stats), feature_extractor=RandomConvFeatures())
+    clip = CLIPScoreEvaluation(every_n_steps=2, num_images=15, scorer=_toy_scorer())
+    torch.manual_seed(0)
+    ddp = trainer(devices=2, strategy="ddp_fork", max_steps=2, limit_val_batches=0, default_root_dir=tmp_path,
+                  callbacks=[fid, clip])
+    ddp.fit(tiny_stage_a(), datamodule=datamodule(shapes_dir, batches=2))
+    assert ddp.world_size == 2
+    assert math.isfinite(float(ddp.callback_metrics["eval/fid"]))
+    assert math.isfinite(float(ddp.callback_metrics["eval/clip_score"]))
+    assert feats.read_reference_stats(stats)["count"] == 15

@@ -300,7 +300,7 @@ class ClipScorer:
             checkpoint = resolve_pretrained(model_name, pretrained)  # fails fast offline, before building
         model = open_clip.create_model(model_name, pretrained=None, device="cpu")
         if checkpoint is not None:
-            open_clip.load_checkpoint(model, checkpoint, strict=False)
+            open_clip.load_checkpoint(model, checkpoint, strict=True)
         self.model = model.to(self.device).float().eval().requires_grad_(False)
         self.tokenizer = open_clip.get_tokenizer(model_name)
         cfg = open_clip.get_model_preprocess_cfg(model)
