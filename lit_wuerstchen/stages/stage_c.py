@@ -42,6 +42,8 @@ class TextEncoderConfig:
     model_config_file: str | None = None
     final_layer_norm: bool = True
     """Token states after the final LayerNorm (Würstchen v2) or before it (Stable Cascade)."""
+    context_length: int | None = None
+    """Tokens per prompt (None: the model's own, 77 for CLIP); short captions can use fewer."""
 
 
 class StageC(Stage):
