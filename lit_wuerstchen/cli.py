@@ -24,6 +24,7 @@ inference and tools:
   export     a Stage C checkpoint (+ its Stages B and A) -> self-contained safetensors pipeline folder
   evaluate   FID / CLIP score / shapes alignment of a 'sample' output folder -> JSON report
   data       dataset tools: 'data shapes' (synthetic captioned set), 'data folder' (your images -> shards)
+  sweep      ablation grids: 'sweep run --grid G.yaml' (Stage B then C per point), 'sweep report' (CSV, table, plots)
 
 'python -m lit_wuerstchen <command> --help' shows the options of each command.
 """
@@ -76,5 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         from .evaluation.report import main as evaluate_main
 
         return evaluate_main(argv[1:])
+    if argv[0] == "sweep":
+        from .sweep import main as sweep_main
+
+        return sweep_main(argv[1:])
     run_lightning_cli(None if from_command_line else argv)
     return 0
