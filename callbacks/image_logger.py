@@ -48,7 +48,7 @@ class ImageLogger(Callback):
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image(tag, grid, global_step=trainer.global_step)
-        if self.save_png and trainer.loggers:  # without a logger there is no run folder to write into
+        if self.save_png and trainer.loggers and trainer.log_dir:  # no logger: no run folder to write into
             out = Path(trainer.log_dir) / "images"
             out.mkdir(parents=True, exist_ok=True)
             torchvision.utils.save_image(grid, out / f"{split}_step{trainer.global_step:07d}.png")
