@@ -177,6 +177,34 @@ def _load_text_state_dict(path: str, keys: set[str]) -> dict[str, torch.Tensor]:
     return {name: value for key, value in checkpoint.items() if (name := wanted(key)) is not None}
 
 
+def resolve_open_clip_model(
+    model_name: str, pretrained: str | None, weights_file: str | None, model_config_file: str | None
+) -> tuple[dict, str | None]:
+    """(open_clip model config, weights file to load or None for random init), before anything is built.
+
+    Registers ``model_config_file`` (automatically for the shipped tiny model); ``weights_file`` wins over the
+    ``pretrained`` tag, whose file is looked up (or, online, downloaded) by :func:`resolve_pretrained`. A missing
+    file or an unknown model fails here, fast.
+    """
+    if model_config_file is None and model_name == TINY_MODEL_NAME:
+        model_config_file = str(CONFIG_DIR / f"{TINY_MODEL_NAME}.json")
+    if model_config_file is not None:
+        register_model_config(model_config_file)
+    model_cfg = open_clip.get_model_config(model_name)
+    if model_cfg is None:
+        hint = (
+            f" (open_clip names a config after its file stem: {Path(model_config_file).stem!r})"
+            if model_config_file is not None
+            else ""
+        )
+        raise ValueError(f"Unknown open_clip model {model_name!r}{hint}. Known: {open_clip.list_models()}")
+    if weights_file is not None:
+        if not os.path.isfile(weights_file):
+            raise FileNotFoundError(f"open_clip weights_file not found: {weights_file}")
+        return model_cfg, str(weights_file)
+    return model_cfg, resolve_pretrained(model_name, pretrained) if pretrained else None
+
+
 class TextEncoder(nn.Module):
     """Frozen open_clip text tower returning per-token hidden states and the pooled text embedding.
 
@@ -204,32 +232,12 @@ class TextEncoder(nn.Module):
         super().__init__()
         self.model_name = model_name
         self.final_layer_norm = final_layer_norm
-        if model_config_file is None and model_name == TINY_MODEL_NAME:
-            model_config_file = str(CONFIG_DIR / f"{TINY_MODEL_NAME}.json")
-        if model_config_file is not None:
-            register_model_config(model_config_file)
-        model_cfg = open_clip.get_model_config(model_name)
-        if model_cfg is None:
-            hint = (
-                f" (open_clip names a config after its file stem: {Path(model_config_file).stem!r})"
-                if model_config_file is not None
-                else ""
-            )
-            raise ValueError(f"Unknown open_clip model {model_name!r}{hint}. Known: {open_clip.list_models()}")
+        model_cfg, checkpoint = resolve_open_clip_model(model_name, pretrained, weights_file, model_config_file)
         text_cfg = dict(model_cfg["text_cfg"])
         if text_cfg.get("hf_model_name"):
             raise ValueError(f"{model_name!r} has a Hugging Face text tower; only open_clip TextTransformer towers are supported")
         if context_length is not None:
             text_cfg["context_length"] = context_length
-
-        # Resolve the weights before building anything: a missing file fails fast.
-        checkpoint = None
-        if weights_file is not None:
-            if not os.path.isfile(weights_file):
-                raise FileNotFoundError(f"TextEncoder weights_file not found: {weights_file}")
-            checkpoint = str(weights_file)
-        elif pretrained:
-            checkpoint = resolve_pretrained(model_name, pretrained)
 
         text = _build_text_tower(model_cfg["embed_dim"], text_cfg, quick_gelu=model_cfg.get("quick_gelu", False))
         if not isinstance(text, TextTransformer):

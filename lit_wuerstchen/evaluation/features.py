@@ -283,21 +283,9 @@ class ClipScorer:
             return
         import open_clip
 
-        from lit_wuerstchen.text_encoder import CONFIG_DIR, TINY_MODEL_NAME, register_model_config, resolve_pretrained
+        from lit_wuerstchen.text_encoder import resolve_open_clip_model
 
-        if model_config_file is None and model_name == TINY_MODEL_NAME:
-            model_config_file = str(CONFIG_DIR / f"{TINY_MODEL_NAME}.json")
-        if model_config_file is not None:
-            register_model_config(model_config_file)
-        if open_clip.get_model_config(model_name) is None:
-            raise ValueError(f"Unknown open_clip model {model_name!r}. Known: {open_clip.list_models()}")
-        checkpoint = None
-        if weights_file is not None:
-            if not os.path.isfile(weights_file):
-                raise FileNotFoundError(f"CLIP weights_file not found: {weights_file}")
-            checkpoint = str(weights_file)
-        elif pretrained:
-            checkpoint = resolve_pretrained(model_name, pretrained)  # fails fast offline, before building
+        _, checkpoint = resolve_open_clip_model(model_name, pretrained, weights_file, model_config_file)
         model = open_clip.create_model(model_name, pretrained=None, device="cpu")
         if checkpoint is not None:
             open_clip.load_checkpoint(model, checkpoint, strict=True)

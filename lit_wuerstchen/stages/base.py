@@ -96,6 +96,17 @@ class Stage(L.LightningModule):
     def ema_network(self) -> nn.Module:
         raise NotImplementedError
 
+    def configure_optimizers(self):
+        """AdamW over exactly the trained network (``ema_network``), stepped per step (``self.optimizer_config``)."""
+        optimizer, scheduler = self.optimizer_config.build(self.ema_network().parameters(),
+                                                           total_steps=self.trainer.max_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        clip = gradient_clip_val if gradient_clip_val is not None else self.optimizer_config.grad_clip
+        if clip:
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm=gradient_clip_algorithm or "norm")
+
     def log_images(self, batch: dict) -> dict[str, torch.Tensor]:
         return {}
 

@@ -122,15 +122,6 @@ class StageB(Stage):
         self.stage_a.eval()  # frozen: its BatchNorm statistics must never move
         return self
 
-    def configure_optimizers(self):
-        optimizer, scheduler = self.optimizer_config.build(self._trained.parameters(), total_steps=self.trainer.max_steps)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        clip = gradient_clip_val if gradient_clip_val is not None else self.optimizer_config.grad_clip
-        if clip:
-            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm=gradient_clip_algorithm or "norm")
-
     # --- the two encoders ----------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_stage_a(self, images: torch.Tensor) -> torch.Tensor:

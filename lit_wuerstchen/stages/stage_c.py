@@ -109,15 +109,6 @@ class StageC(Stage):
     def ema_network(self) -> nn.Module:
         return self.prior
 
-    def configure_optimizers(self):
-        optimizer, scheduler = self.optimizer_config.build(self.prior.parameters(), total_steps=self.trainer.max_steps)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        clip = gradient_clip_val if gradient_clip_val is not None else self.optimizer_config.grad_clip
-        if clip:
-            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm=gradient_clip_algorithm or "norm")
-
     # --- semantic latents -----------------------------------------------------------------------------------
     @torch.no_grad()
     def semantic_latents(self, images: torch.Tensor) -> torch.Tensor:
