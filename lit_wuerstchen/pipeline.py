@@ -167,8 +167,15 @@ class WuerstchenPipeline(nn.Module):
         return directory
 
     @classmethod
-    def load(cls, path: str | Path, stage_b_checkpoint: str | None = None, use_ema: bool = True) -> WuerstchenPipeline:
-        """From an exported folder or a Stage C checkpoint (whose Stage B is found from its hparams)."""
+    def load(
+        cls,
+        path: str | Path,
+        stage_b_checkpoint: str | None = None,
+        stage_a_checkpoint: str | None = None,
+        use_ema: bool = True,
+    ) -> WuerstchenPipeline:
+        """From an exported folder or a Stage C checkpoint (whose Stage B, holding its frozen Stage A, is found
+        from its hparams). ``stage_b_checkpoint`` / ``stage_a_checkpoint`` replace those parts."""
         path = Path(path)
         if path.is_dir():
             pipeline = cls._from_export(path)
@@ -176,6 +183,11 @@ class WuerstchenPipeline(nn.Module):
             pipeline = cls._from_stage_c_checkpoint(path, stage_b_checkpoint, use_ema)
         else:
             raise FileNotFoundError(f"no Stage C checkpoint or exported pipeline at {path}")
+        if stage_a_checkpoint is not None:
+            from .stages.stage_a import load_vqgan
+
+            pipeline.stage_a = load_vqgan(stage_a_checkpoint, use_ema)
+            pipeline.config["stage_a"] = asdict(pipeline.stage_a.config)
         return pipeline.requires_grad_(False).eval()
 
     @classmethod

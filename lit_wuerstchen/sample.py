@@ -40,6 +40,7 @@ def build_sample_parser(prog: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--ckpt", required=True, help="Stage C checkpoint (.ckpt) or an exported pipeline folder")
     parser.add_argument("--stage_b_ckpt", help="override the Stage B checkpoint the Stage C run was trained with")
+    parser.add_argument("--stage_a_ckpt", help="override the Stage A inside the Stage B checkpoint")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for more)")
     parser.add_argument("--prompts_file", help="one prompt per line (.txt) or JSON lines with a 'prompt' field")
     parser.add_argument("--out", required=True, help="output folder")
@@ -93,7 +94,7 @@ def run_sample(args: argparse.Namespace) -> int:
         return 2
     prompts = [prompt for prompt in prompts for _ in range(args.images_per_prompt)]
 
-    pipeline = WuerstchenPipeline.load(args.ckpt, args.stage_b_ckpt, use_ema=not args.no_ema).to(_device(args.device))
+    pipeline = WuerstchenPipeline.load(args.ckpt, args.stage_b_ckpt, args.stage_a_ckpt, use_ema=not args.no_ema).to(_device(args.device))
     config = pipeline.config
     trained_size = config.get("image_size") or [DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE]
     height, width = args.height or trained_size[0], args.width or trained_size[1]
@@ -138,6 +139,7 @@ def build_export_parser(prog: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--ckpt", required=True, help="Stage C checkpoint")
     parser.add_argument("--stage_b_ckpt", help="override the Stage B checkpoint the Stage C run was trained with")
+    parser.add_argument("--stage_a_ckpt", help="override the Stage A inside the Stage B checkpoint")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--no_ema", action="store_true", help="export the trained weights instead of their EMA")
     return parser
@@ -146,7 +148,7 @@ def build_export_parser(prog: str) -> argparse.ArgumentParser:
 def run_export(args: argparse.Namespace) -> int:
     from .pipeline import WuerstchenPipeline
 
-    pipeline = WuerstchenPipeline.load(args.ckpt, args.stage_b_ckpt, use_ema=not args.no_ema)
+    pipeline = WuerstchenPipeline.load(args.ckpt, args.stage_b_ckpt, args.stage_a_ckpt, use_ema=not args.no_ema)
     out = pipeline.export(args.out)
     print(f"exported the pipeline to {out}")
     return 0

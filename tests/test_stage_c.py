@@ -174,3 +174,20 @@ def test_validation_sampling_leaves_the_prior_trainable(stage_b_checkpoint, shap
     model.generate(["a small red circle on a blue background, top left"], (32, 32))
     assert model.prior.training
     assert all(p.requires_grad for p in model.prior.parameters())
+
+
+def test_pipeline_parts_can_be_overridden(stage_c_checkpoint, stage_b_checkpoint, stage_a_checkpoint, tmp_path):
+    from lit_wuerstchen.stages import load_vqgan
+
+    other_a = load_vqgan(stage_a_checkpoint)
+    with torch.no_grad():
+        for p in other_a.parameters():
+            p.add_(0.01)
+    torch.save({"vqgan_config": torch.load(stage_a_checkpoint, weights_only=False)["vqgan_config"],
+                "state_dict": {f"vqgan.{k}": v for k, v in other_a.state_dict().items()}}, tmp_path / "a.ckpt")
+    pipeline = WuerstchenPipeline.load(stage_c_checkpoint, stage_b_checkpoint=str(stage_b_checkpoint),
+                                       stage_a_checkpoint=str(tmp_path / "a.ckpt"))
+    for key, value in other_a.state_dict().items():
+        assert torch.equal(pipeline.stage_a.state_dict()[key], value)
+    with pytest.raises(FileNotFoundError, match="Stage B checkpoint not found"):
+        WuerstchenPipeline.load(stage_c_checkpoint, stage_b_checkpoint=str(tmp_path / "missing.ckpt"))
