@@ -16,7 +16,6 @@ import argparse
 import datetime
 import platform
 import time
-from pathlib import Path
 
 import lightning as L
 import torch

@@ -19,7 +19,6 @@ automatically; other custom architectures come in through ``model_config_file``.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-
 from conftest import TINY, datamodule, tiny_stage_a, toy_data_args, trainer
+
 from lit_wuerstchen.cli import main
-from lit_wuerstchen.data import ShardDataModule
 from lit_wuerstchen.models.vqgan import VQGAN, VQGANConfig
-from lit_wuerstchen.stages import OptimizerConfig, StageA, load_vqgan
+from lit_wuerstchen.stages import load_vqgan
+
 
 def test_paper_scale_vqgan_size():
     with torch.device("meta"):

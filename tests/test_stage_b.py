@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import TINY_COMPRESSOR, TINY_NETWORK, datamodule, tiny_stage_b, toy_data_args, trainer
+
 from lit_wuerstchen.cli import main
 from lit_wuerstchen.pipeline import sample_stage_b_latents
 from lit_wuerstchen.stages import OptimizerConfig, SamplingConfig, StageB, StageBConfig, load_stage_b
