@@ -262,16 +262,22 @@ class FIDEvaluation(GenerativeEvaluation):
             and world size). Computed once from the same validation batches, reused by later evaluations and runs.
         on_validate: also evaluate at the end of ``trainer.validate``.
         seed: generator seed (``seed + rank``), the same for every evaluation.
-        feature_extractor: for tests: any ``images -> [N, D]`` callable instead of Inception.
+        features: ``"inception"`` (clean-fid: the real FID, logged as ``eval/fid``) or ``"random"``: the same
+            Fréchet distance on fixed random conv features, which needs no download (offline toy runs; logged as
+            ``eval/fid_random_features``: a proxy that shows a trend, never comparable with FID).
+        feature_extractor: for tests: any ``images -> [N, D]`` callable instead of ``features``.
     """
 
-    metric = "eval/fid"
     description = "FID"
 
     def __init__(self, every_n_steps: int = 5000, num_images: int = 10000, batch_size: int | None = None,
                  inception_weights: str | None = None, reference_stats: str | None = None,
-                 on_validate: bool = True, seed: int = 0, feature_extractor: Any = None):
+                 on_validate: bool = True, seed: int = 0, features: str = "inception", feature_extractor: Any = None):
         super().__init__(every_n_steps, num_images, batch_size, on_validate, seed)
+        if features not in ("inception", "random"):
+            raise ValueError(f"features must be 'inception' (clean-fid FID) or 'random' (offline proxy), got {features!r}")
+        self.features = features
+        self.metric = "eval/fid" if features == "inception" else "eval/fid_random_features"
         self.inception_weights = inception_weights
         self.reference_stats = reference_stats
         self.extractor = feature_extractor
@@ -281,9 +287,9 @@ class FIDEvaluation(GenerativeEvaluation):
 
     def build(self, trainer: Trainer, device: torch.device) -> None:
         if self.extractor is None:
-            from lit_wuerstchen.evaluation.features import InceptionFeatures
+            from lit_wuerstchen.evaluation.features import make_fid_features
 
-            self.extractor = InceptionFeatures(self.inception_weights, device=device)
+            self.extractor = make_fid_features(self.features, self.inception_weights, device)
         elif hasattr(self.extractor, "to"):
             self.extractor = self.extractor.to(device) or self.extractor
 

@@ -1,7 +1,7 @@
 """FID / CLIP-score features, statistics cache, evaluation callbacks in a real tiny fit, and the evaluate CLI.
 
 Offline and fast: Inception is replaced by a fixed random conv net, CLIP by injected encoders or the tiny random
-open_clip config shipped with the package.
+open_clip config shipped with the package (the same random conv net the toy configs use offline).
 """
 
 from __future__ import annotations
@@ -24,34 +24,13 @@ from lit_wuerstchen.evaluation.features import (
     ClipScorer,
     FeatureExtractor,
     InceptionFeatures,
+    RandomConvFeatures,
     feature_statistics,
     frechet_distance,
     frechet_distance_from_statistics,
     load_or_compute_reference_stats,
 )
 from conftest import REPO, datamodule, tiny_stage_a, trainer
-
-
-class RandomConvFeatures(torch.nn.Module):
-    """A fixed random conv net + global mean/max pooling: a stand-in for Inception (32-d features)."""
-
-    name = "random-conv-test"
-
-    def __init__(self, seed: int = 0):
-        super().__init__()
-        gen = torch.Generator().manual_seed(seed)
-        self.conv1 = torch.nn.Conv2d(3, 16, 3, padding=1)
-        self.conv2 = torch.nn.Conv2d(16, 16, 3, padding=1)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-        self.requires_grad_(False).eval()
-        self.calls = 0
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        x = torch.relu(self.conv2(torch.relu(self.conv1(images.float() * 2 - 1))))
-        return torch.cat([x.mean((2, 3)), x.amax((2, 3))], dim=1)
 
 
 def _images(n: int = 160, seed: int = 0, size: int = 32) -> torch.Tensor:
@@ -235,6 +214,24 @@ def test_callback_setup_fails_early_without_inception(shapes_dir, tmp_path, monk
     assert fit.global_step == 0
 
 
+def test_random_features_callback_offline(shapes_dir, tmp_path):
+    """features="random": no download, its own metric name and cache identity; the extractor is fixed by its seed."""
+    images = _images(8)
+    assert torch.equal(RandomConvFeatures(seed=3)(images), RandomConvFeatures(seed=3)(images))
+    assert not torch.equal(RandomConvFeatures(seed=3)(images), RandomConvFeatures(seed=4)(images))
+    with pytest.raises(ValueError, match="inception"):
+        FIDEvaluation(features="clip")
+
+    logger = RecordingLogger()
+    fid = FIDEvaluation(every_n_steps=2, num_images=8, features="random", reference_stats=str(tmp_path / "ref.npz"))
+    fit = trainer(max_steps=2, limit_val_batches=0, logger=logger, log_every_n_steps=50, callbacks=[fid])
+    fit.fit(tiny_stage_a(), datamodule=datamodule(shapes_dir, batches=2))
+    logged = [m for _, m in logger.records if "eval/fid_random_features" in m]
+    assert len(logged) == 1 and math.isfinite(logged[0]["eval/fid_random_features"])
+    assert not any("eval/fid" in m for _, m in logger.records)
+    assert feats.read_reference_stats(tmp_path / "ref.npz")["extractor"] == RandomConvFeatures().name
+
+
 # --- evaluate CLI ------------------------------------------------------------------------------------------------
 def _write_samples(shapes_dir, out, n=10):
     from lit_wuerstchen.data.shards import iter_shard, load_rgb
@@ -261,15 +258,15 @@ def test_evaluate_cli(shapes_dir, tmp_path, monkeypatch, capsys):
 
     samples = tmp_path / "samples"
     ref = _write_samples(shapes_dir, samples)
-    monkeypatch.setattr(report, "make_feature_extractor", lambda weights, device: RandomConvFeatures())
     clip_args = ["--clip_model", "wuerstchen-tiny-clip", "--clip_pretrained", "none", "--device", "cpu"]
 
-    assert main(["evaluate", "--samples", str(samples), "--reference", str(ref), "--batch_size", "4", *clip_args]) == 0
+    assert main(["evaluate", "--samples", str(samples), "--reference", str(ref), "--batch_size", "4",
+                 "--fid_features", "random", *clip_args]) == 0
     data = json.loads((samples / "evaluation.json").read_text())
     metrics = data["metrics"]
     assert data["num_samples"] == 10 and data["resolution"] == [32, 32]
     assert math.isfinite(metrics["fid"]["value"]) and metrics["fid"]["num_reference"] == 10
-    assert metrics["fid"]["extractor"] == "random-conv-test"
+    assert metrics["fid"]["extractor"] == RandomConvFeatures().name
     assert 0 <= metrics["clip_score"]["value"] <= 100
     align = metrics["shapes_alignment"]
     assert align["count"] == 10 and align["all"] >= 0.8  # ground-truth images follow their captions
@@ -278,15 +275,14 @@ def test_evaluate_cli(shapes_dir, tmp_path, monkeypatch, capsys):
     # shard pattern as reference; missing reference -> fid skipped with reason; clip off
     out = tmp_path / "r2.json"
     assert main(["evaluate", "--samples", str(samples), "--reference", f"{shapes_dir}/val-000000.tar",
-                 "--num_reference", "12", "--no_clip", "--out", str(out)]) == 0
+                 "--num_reference", "12", "--fid_features", "random", "--no_clip", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["metrics"]["fid"]["num_reference"] == 12
     assert main(["evaluate", "--samples", str(samples), "--no_clip", "--out", str(out)]) == 0
     metrics = json.loads(out.read_text())["metrics"]
     assert "reference" in metrics["fid"]["skipped"] and "disabled" in metrics["clip_score"]["skipped"]
     assert metrics["shapes_alignment"]["count"] == 10
 
-    # Inception missing offline (the real factory): skipped with the path as reason, the rest still written
-    monkeypatch.undo()
+    # Inception (the default) missing offline: skipped with the path as reason, the rest still written
     monkeypatch.setattr(feats, "default_inception_path", lambda: tmp_path / "inception-2015-12-05.pt")
     assert main(["evaluate", "--samples", str(samples), "--reference", str(ref), "--no_clip", "--out", str(out)]) == 0
     assert "inception-2015-12-05.pt" in json.loads(out.read_text())["metrics"]["fid"]["skipped"]
@@ -314,6 +310,7 @@ def test_toy_eval_fid_override_appends(capsys):
     clip = next(c for c in callbacks if c["class_path"] == "callbacks.CLIPScoreEvaluation")["init_args"]
     fid = next(c for c in callbacks if c["class_path"] == "callbacks.FIDEvaluation")["init_args"]
     assert clip["model_name"] == "wuerstchen-tiny-clip" and clip["num_images"] == 128 and fid["num_images"] == 128
+    assert fid["features"] == "random"  # runs offline
 
 
 @pytest.mark.timeout(120)

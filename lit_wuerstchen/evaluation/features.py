@@ -7,7 +7,9 @@ Everything here works on image tensors ``[N, 3, H, W]`` float in [0, 1] and runs
   (``inception-2015-12-05.pt``), images resized to 299x299 with clean-fid's own resizer (PIL bicubic on float
   channels, no quantisation), 2048-d pool features. clean-fid keeps the weights at a fixed path (see
   :func:`default_inception_path`); a missing file fails at construction, offline without any network attempt.
-- :class:`FeatureExtractor`: what FID needs: any callable ``images -> [N, D]`` (tests inject small random nets).
+- :class:`FeatureExtractor`: what FID needs: any callable ``images -> [N, D]``.
+- :class:`RandomConvFeatures`: a fixed, seeded random conv net: a Fréchet distance that works offline (tests, toy
+  runs). A proxy that moves with blur, noise and colour statistics, never comparable with Inception FID.
 - :func:`feature_statistics`, :func:`frechet_distance`, :func:`frechet_distance_from_statistics`: FID the way
   clean-fid computes it; :func:`load_or_compute_reference_stats`: an ``.npz`` cache of reference statistics.
 - :class:`ClipScorer`: torchmetrics' CLIP score definition (``100 * max(cos(image, text), 0)``) on an open_clip
@@ -138,6 +140,44 @@ class InceptionFeatures:
                 x = (x - 128.0) / 128.0  # InceptionV3W's normalisation in clean mode
                 feats.append(self.layers.forward(x).view(x.shape[0], 2048).float())
         return torch.cat(feats).to(images.device) if feats else images.new_zeros(0, 2048)
+
+
+class RandomConvFeatures(torch.nn.Module):
+    """A fixed random conv net with global mean and max pooling: ``images -> float32 [N, 32]``.
+
+    The weights come from ``seed`` alone, so the same seed gives the same features on every machine and the
+    reference-statistics cache stays valid. Random conv features respond to colour statistics, edges, blur and
+    noise: enough to watch a Fréchet distance fall over a toy run offline, not a measure to report as FID.
+    """
+
+    def __init__(self, seed: int = 0, width: int = 16):
+        super().__init__()
+        self.name = f"random-conv-{width}-seed{seed}"
+        gen = torch.Generator().manual_seed(seed)
+        self.conv1 = torch.nn.Conv2d(3, width, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(width, width, 3, padding=1)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+        self.requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            x = images.float().to(self.conv1.weight.device) * 2 - 1
+            x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+            return torch.cat([x.mean((2, 3)), x.amax((2, 3))], dim=1).to(images.device)
+
+
+def make_fid_features(features: str, inception_weights: str | os.PathLike | None = None,
+                      device: str | torch.device = "cpu") -> FeatureExtractor:
+    """The FID feature extractor by name: ``"inception"`` (clean-fid, the real FID) or ``"random"``
+    (:class:`RandomConvFeatures`, offline proxy)."""
+    if features == "inception":
+        return InceptionFeatures(inception_weights, device=device)
+    if features == "random":
+        return RandomConvFeatures().to(device)
+    raise ValueError(f"unknown FID features {features!r}: use 'inception' (clean-fid FID) or 'random' (offline proxy)")
 
 
 # --- FID ---------------------------------------------------------------------------------------------------------

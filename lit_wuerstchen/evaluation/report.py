@@ -5,7 +5,8 @@ Reads ``DIR/samples.jsonl`` (written by ``sample`` / ``callbacks.SampleWriter``:
 
 - ``fid``: clean-fid Inception FID against ``--reference`` (a folder of images, searched recursively, or a shard
   pattern whose ``png``/``jpg``/``jpeg``/``webp`` members are read), reference images centre-cropped to the
-  samples' aspect and resized to their size (PIL bicubic) first;
+  samples' aspect and resized to their size (PIL bicubic) first; ``--fid_features random`` computes the same
+  Fréchet distance on fixed random conv features instead (offline proxy, ``extractor`` says which);
 - ``clip_score``: mean of ``100 * max(cos(image, prompt), 0)`` with an open_clip model;
 - ``shapes_alignment``: attribute accuracy for prompts of the synthetic shapes caption grammar (``count`` scored,
   ``unparsed_prompts`` outside the grammar).
@@ -21,7 +22,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -122,13 +123,7 @@ def iter_reference_images(reference: str, size: tuple[int, int], limit: int | No
             count += 1
 
 
-# --- metric builders (module level: tests monkeypatch them) -----------------------------------------------------
-def make_feature_extractor(inception_weights: str | None, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    from .features import InceptionFeatures
-
-    return InceptionFeatures(inception_weights, device=device)
-
-
+# --- metric builders ---------------------------------------------------------------------------------------------
 def make_clip_scorer(model_name: str, pretrained: str | None, weights_file: str | None, device: torch.device):
     from .features import ClipScorer
 
@@ -160,6 +155,7 @@ def evaluate_samples(
     clip: bool = True,
     alignment: bool = True,
     inception_weights: str | None = None,
+    fid_features: str = "inception",
     clip_model: str = "ViT-bigG-14",
     clip_pretrained: str | None = "laion2b_s39b_b160k",
     clip_weights: str | None = None,
@@ -193,8 +189,9 @@ def evaluate_samples(
         metrics["fid"] = {"skipped": "FID needs at least 2 samples"}
     else:
         try:
-            extractor = feature_extractor if feature_extractor is not None else make_feature_extractor(inception_weights, device)
-            from .features import extractor_name, frechet_distance
+            from .features import extractor_name, frechet_distance, make_fid_features
+
+            extractor = feature_extractor if feature_extractor is not None else make_fid_features(fid_features, inception_weights, device)
 
             fake = _batched_features(extractor, images, batch_size)
             real = _batched_features(extractor, iter_reference_images(reference, size, num_reference), batch_size)
@@ -264,6 +261,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--num_reference", type=int, help="use at most this many reference images")
     parser.add_argument("--out", help="report path (default: SAMPLES/evaluation.json)")
     parser.add_argument("--inception_weights", help="clean-fid's inception-2015-12-05.pt (default: where clean-fid keeps it)")
+    parser.add_argument("--fid_features", choices=("inception", "random"), default="inception",
+                        help="inception: clean-fid FID; random: Fréchet distance on fixed random conv features (offline proxy)")
     parser.add_argument("--clip_model", default="ViT-bigG-14", help="open_clip model name (wuerstchen-tiny-clip: random tiny, plumbing only)")
     parser.add_argument("--clip_pretrained", default="laion2b_s39b_b160k", help="open_clip pretrained tag ('none': random weights)")
     parser.add_argument("--clip_weights", help="local open_clip checkpoint for --clip_model (instead of --clip_pretrained)")
@@ -281,7 +280,7 @@ def run(args: argparse.Namespace, feature_extractor: Any = None, clip_scorer: An
     try:
         report = evaluate_samples(
             args.samples, args.reference, fid=not args.no_fid, clip=not args.no_clip, alignment=not args.no_alignment,
-            inception_weights=args.inception_weights, clip_model=args.clip_model, clip_pretrained=pretrained,
+            inception_weights=args.inception_weights, fid_features=args.fid_features, clip_model=args.clip_model, clip_pretrained=pretrained,
             clip_weights=args.clip_weights, num_reference=args.num_reference, batch_size=args.batch_size,
             device=device, feature_extractor=feature_extractor, clip_scorer=clip_scorer,
         )
