@@ -35,6 +35,18 @@ def in_tmp_cwd(tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
+@pytest.fixture()
+def empty_hf_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache and offline mode: a pretrained tag can only fail, at once."""
+    cache = tmp_path / "hf"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("LIT_WUERSTCHEN_OFFLINE", "1")
+    return cache
+
+
 def toy_data_args(shapes_dir: Path) -> list[str]:
     """CLI overrides pointing the toy data config at the test shapes set, single-process loading."""
     return [

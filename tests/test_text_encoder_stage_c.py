@@ -21,17 +21,6 @@ def tiny() -> TextEncoder:
     return TextEncoder(TINY_MODEL_NAME, pretrained=None)
 
 
-@pytest.fixture()
-def empty_hf_cache(tmp_path, monkeypatch):
-    cache = tmp_path / "hf"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("LIT_WUERSTCHEN_OFFLINE", "1")
-    return cache
-
-
 # --------------------------------------------------------------------------------------------- TextEncoder
 
 
