@@ -274,9 +274,9 @@ class FIDEvaluation(GenerativeEvaluation):
                  inception_weights: str | None = None, reference_stats: str | None = None,
                  on_validate: bool = True, seed: int = 0, features: str = "inception", feature_extractor: Any = None):
         super().__init__(every_n_steps, num_images, batch_size, on_validate, seed)
-        if features not in ("inception", "random"):
-            raise ValueError(f"features must be 'inception' (clean-fid FID) or 'random' (offline proxy), got {features!r}")
-        self.features = features
+        from lit_wuerstchen.evaluation.features import check_fid_features
+
+        self.features = check_fid_features(features)  # a typo fails when the config is read, not at setup
         self.metric = "eval/fid" if features == "inception" else "eval/fid_random_features"
         self.inception_weights = inception_weights
         self.reference_stats = reference_stats

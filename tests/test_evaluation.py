@@ -227,6 +227,9 @@ def test_random_features_callback_offline(shapes_dir, tmp_path):
     images = _images(8)
     assert torch.equal(RandomConvFeatures(seed=3)(images), RandomConvFeatures(seed=3)(images))
     assert not torch.equal(RandomConvFeatures(seed=3)(images), RandomConvFeatures(seed=4)(images))
+    state = torch.random.get_rng_state()
+    RandomConvFeatures(seed=5)
+    assert torch.equal(torch.random.get_rng_state(), state)  # building it leaves the training's random stream alone
     with pytest.raises(ValueError, match="inception"):
         FIDEvaluation(features="clip")
 

@@ -153,31 +153,39 @@ class RandomConvFeatures(torch.nn.Module):
     def __init__(self, seed: int = 0, width: int = 16):
         super().__init__()
         self.name = f"random-conv-{width}-seed{seed}"
+        # Drawn from a private generator only (nn.Conv2d's default init would also draw from the global stream,
+        # shifting the training noise of the run this metric watches).
         gen = torch.Generator().manual_seed(seed)
-        self.conv1 = torch.nn.Conv2d(3, width, 3, padding=1)
-        self.conv2 = torch.nn.Conv2d(width, width, 3, padding=1)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-        self.requires_grad_(False).eval()
+        shapes = {"weight1": (width, 3, 3, 3), "bias1": (width,), "weight2": (width, width, 3, 3), "bias2": (width,)}
+        for name, shape in shapes.items():
+            self.register_buffer(name, torch.randn(shape, generator=gen) * 0.5)
+        self.eval()
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=images.device.type, enabled=False):
-            x = images.float().to(self.conv1.weight.device) * 2 - 1
-            x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+            x = images.float().to(self.weight1.device) * 2 - 1
+            x = torch.relu(F.conv2d(x, self.weight1, self.bias1, padding=1))
+            x = torch.relu(F.conv2d(x, self.weight2, self.bias2, padding=1))
             return torch.cat([x.mean((2, 3)), x.amax((2, 3))], dim=1).to(images.device)
+
+
+FID_FEATURES = ("inception", "random")
+
+
+def check_fid_features(features: str) -> str:
+    if features not in FID_FEATURES:
+        raise ValueError(f"unknown FID features {features!r}: use 'inception' (clean-fid FID) or 'random' (offline proxy)")
+    return features
 
 
 def make_fid_features(features: str, inception_weights: str | os.PathLike | None = None,
                       device: str | torch.device = "cpu") -> FeatureExtractor:
-    """The FID feature extractor by name: ``"inception"`` (clean-fid, the real FID) or ``"random"``
-    (:class:`RandomConvFeatures`, offline proxy)."""
-    if features == "inception":
+    """The FID feature extractor by name (:data:`FID_FEATURES`): ``"inception"`` (clean-fid, the real FID) or
+    ``"random"`` (:class:`RandomConvFeatures`, offline proxy)."""
+    if check_fid_features(features) == "inception":
         return InceptionFeatures(inception_weights, device=device)
-    if features == "random":
-        return RandomConvFeatures().to(device)
-    raise ValueError(f"unknown FID features {features!r}: use 'inception' (clean-fid FID) or 'random' (offline proxy)")
+    return RandomConvFeatures().to(device)
 
 
 # --- FID ---------------------------------------------------------------------------------------------------------

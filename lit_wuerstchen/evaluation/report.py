@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .features import FID_FEATURES
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 SHARD_IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 
@@ -261,7 +263,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--num_reference", type=int, help="use at most this many reference images")
     parser.add_argument("--out", help="report path (default: SAMPLES/evaluation.json)")
     parser.add_argument("--inception_weights", help="clean-fid's inception-2015-12-05.pt (default: where clean-fid keeps it)")
-    parser.add_argument("--fid_features", choices=("inception", "random"), default="inception",
+    parser.add_argument("--fid_features", choices=FID_FEATURES, default="inception",
                         help="inception: clean-fid FID; random: Fréchet distance on fixed random conv features (offline proxy)")
     parser.add_argument("--clip_model", default="ViT-bigG-14", help="open_clip model name (wuerstchen-tiny-clip: random tiny, plumbing only)")
     parser.add_argument("--clip_pretrained", default="laion2b_s39b_b160k", help="open_clip pretrained tag ('none': random weights)")
