@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install demo test test-all benchmark
+.PHONY: install demo test test-all lint benchmark
 
 install: $(INSTALLED)
 
@@ -22,6 +22,10 @@ test: $(INSTALLED)
 
 test-all: $(INSTALLED)
 	HF_HUB_OFFLINE=1 LIT_WUERSTCHEN_OFFLINE=1 $(PYTHON) -m pytest -m ''
+
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 benchmark: $(INSTALLED)
 	$(PYTHON) benchmarks/loader_throughput.py

@@ -19,8 +19,10 @@ import time
 
 import lightning as L
 import torch
+from torch import nn
 
-from callbacks import EMA
+from lit_wuerstchen.callbacks import EMA
+from lit_wuerstchen.checkpoints import CheckpointError
 from lit_wuerstchen.cli import run_lightning_cli
 
 
@@ -48,7 +50,7 @@ def _reference_inputs(stage: str, model, batch_size: int, image_side: int):
         x = torch.randn(batch_size, model.decoder.latent_channels, side, side)
         images = torch.rand(batch_size, 3, image_side, image_side)
         t = torch.rand(batch_size)
-        network = model.ema_network()
+        network = nn.ModuleDict(model.trained_networks())
         return network, lambda: model.decoder(x, t, model.compressor(images)).pow(2).mean()
     side = model.compressor.latent_size(image_side)
     x = torch.randn(batch_size, model.prior.latent_channels, *side)
@@ -74,9 +76,18 @@ def benchmark(stage: str, steps: int, warmup: int) -> dict:
     reference = steps / (time.perf_counter() - start)
 
     timer = StepTimer(warmup)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=warmup + steps, limit_val_batches=0, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, callbacks=[timer, EMA(decay=0.99)])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=warmup + steps,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[timer, EMA(decay=0.99)],
+    )
     trainer.fit(model, datamodule=data)
     return {"stage": stage, "batch": batch_size, "side": side, "reference": reference, "full": timer.steps_per_second()}
 
@@ -93,12 +104,17 @@ def main() -> None:
     for stage in args.stages:
         try:
             rows.append(benchmark(stage, args.steps, args.warmup))
-        except FileNotFoundError as error:  # Stages B and C need the demo's checkpoints
+        except CheckpointError as error:  # Stages B and C need the demo's checkpoints
             print(f"{stage}: skipped ({error})")
-    print(f"\n{'stage':<9} {'batch':>5} {'px':>4} {'network alone (steps/s)':>24} {'full step (steps/s)':>20} {'ratio':>6}")
+    print(
+        f"\n{'stage':<9} {'batch':>5} {'px':>4} {'network alone (steps/s)':>24} "
+        f"{'full step (steps/s)':>20} {'ratio':>6}"
+    )
     for r in rows:
-        print(f"{r['stage']:<9} {r['batch']:>5} {r['side']:>4} {r['reference']:>24.2f} {r['full']:>20.2f} "
-              f"{r['full'] / r['reference']:>6.2f}")
+        print(
+            f"{r['stage']:<9} {r['batch']:>5} {r['side']:>4} {r['reference']:>24.2f} {r['full']:>20.2f} "
+            f"{r['full'] / r['reference']:>6.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -27,5 +27,10 @@ class CrashCheckpoint(Callback):
         except Exception as error:  # the original exception matters more than this one
             log.error("could not save a crash checkpoint to %s: %s", path, error)
             return
-        log.warning("%s at step %d: saved %s; resume with --ckpt_path %s",
-                    type(exception).__name__, trainer.global_step, path, path)
+        log.warning(
+            "%s at step %d: saved %s; resume with --ckpt_path %s",
+            type(exception).__name__,
+            trainer.global_step,
+            path,
+            path,
+        )

@@ -1,9 +1,12 @@
-"""Exponential moving average of the trained network only (``pl_module.ema_network()``).
+"""Exponential moving average of the trained networks only (``pl_module.trained_networks()``).
 
-Unlike Lightning's ``WeightAveraging`` it never copies the whole LightningModule (frozen encoders, metrics),
-supports a start step and an update interval, and its weights are swapped in for validation, testing and
-prediction. The averaged tensors are stored in the checkpoint under ``ema_state_dict`` (keys of the network's
-own state dict), where Stage B/C loaders and the exporter read them. Not supported under FSDP (sharded weights).
+The averaged tensors are stored in the checkpoint under ``ema_state_dict``, with the same keys as in ``state_dict``
+(``decoder.…``, ``prior.…``), where :mod:`lit_wuerstchen.checkpoints` reads them. They are swapped in for validation,
+testing, prediction and the evaluation callbacks. Not supported under FSDP yet (it reads full weights).
+
+Not Lightning's ``EMAWeightAveraging``: it deep-copies the whole LightningModule (frozen encoders and metrics: for
+Stage C with ViT-bigG another 0.7B parameters in memory), swaps the average in for validation only, and replaces
+``state_dict`` with the average on save while later stages must read the trained network's average by key.
 """
 
 from __future__ import annotations
@@ -33,18 +36,32 @@ class EMA(Callback):
         self._backup: dict[str, torch.Tensor] | None = None
 
     @staticmethod
-    def _network(pl_module: LightningModule) -> nn.Module:
-        if not hasattr(pl_module, "ema_network"):
-            raise TypeError(f"{type(pl_module).__name__} has no ema_network(): EMA does not know what to average")
-        return pl_module.ema_network()
+    def _networks(pl_module: LightningModule) -> dict[str, nn.Module]:
+        if not hasattr(pl_module, "trained_networks"):
+            raise TypeError(f"{type(pl_module).__name__} has no trained_networks(): EMA does not know what to average")
+        return pl_module.trained_networks()
+
+    def _state(self, pl_module: LightningModule) -> dict[str, torch.Tensor]:
+        """The trained networks' tensors, keyed as in the LightningModule's ``state_dict``."""
+        return {
+            f"{name}.{key}": value
+            for name, network in self._networks(pl_module).items()
+            for key, value in network.state_dict().items()
+        }
+
+    def _load(self, pl_module: LightningModule, state: dict[str, torch.Tensor]) -> None:
+        for name, network in self._networks(pl_module).items():
+            network.load_state_dict({k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")})
 
     def _ensure_averages(self, pl_module: LightningModule) -> dict[str, torch.Tensor]:
         if self._averages is None:
-            state = self._network(pl_module).state_dict()
+            state = self._state(pl_module)
             if self._loaded is not None:
                 if self._loaded.keys() != state.keys():
                     raise ValueError("the checkpoint's EMA weights do not match the network (different config?)")
-                self._averages = {k: v.to(device=state[k].device, dtype=state[k].dtype).clone() for k, v in self._loaded.items()}
+                self._averages = {
+                    k: v.to(device=state[k].device, dtype=state[k].dtype).clone() for k, v in self._loaded.items()
+                }
                 self._loaded = None
             else:
                 self._averages = {k: v.detach().clone() for k, v in state.items()}
@@ -60,7 +77,7 @@ class EMA(Callback):
         if step % self.update_every:
             return
         averages = self._ensure_averages(pl_module)
-        state = self._network(pl_module).state_dict()
+        state = self._state(pl_module)
         weight = 1.0 if step < self.start_step else 1.0 - self.decay
         floating = [k for k in averages if averages[k].is_floating_point()]
         torch._foreach_lerp_([averages[k] for k in floating], [state[k].detach() for k in floating], weight)
@@ -73,34 +90,24 @@ class EMA(Callback):
         if self._backup is not None:
             return
         averages = self._ensure_averages(pl_module)
-        network = self._network(pl_module)
-        self._backup = {k: v.detach().clone() for k, v in network.state_dict().items()}
-        network.load_state_dict(averages)
+        self._backup = {k: v.detach().clone() for k, v in self._state(pl_module).items()}
+        self._load(pl_module, averages)
 
     @torch.no_grad()
     def _swap_out(self, pl_module: LightningModule) -> None:
         if self._backup is None:
             return
-        self._network(pl_module).load_state_dict(self._backup)
+        self._load(pl_module, self._backup)
         self._backup = None
 
-    def on_validation_start(self, trainer, pl_module):
+    def _swap_in_hook(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._swap_in(pl_module)
 
-    def on_validation_end(self, trainer, pl_module):
+    def _swap_out_hook(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._swap_out(pl_module)
 
-    def on_test_start(self, trainer, pl_module):
-        self._swap_in(pl_module)
-
-    def on_test_end(self, trainer, pl_module):
-        self._swap_out(pl_module)
-
-    def on_predict_start(self, trainer, pl_module):
-        self._swap_in(pl_module)
-
-    def on_predict_end(self, trainer, pl_module):
-        self._swap_out(pl_module)
+    on_validation_start = on_test_start = on_predict_start = _swap_in_hook
+    on_validation_end = on_test_end = on_predict_end = _swap_out_hook
 
     # --- checkpoints --------------------------------------------------------------------------------------
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
@@ -110,10 +117,7 @@ class EMA(Callback):
         checkpoint["ema_state_dict"] = {k: v.detach().cpu().clone() for k, v in averages.items()}
         if self._backup is not None:
             # Saved while the average is swapped in: the model's own entries must hold the trained weights.
-            network = self._network(pl_module)
-            prefix = next(name for name, module in pl_module.named_modules() if module is network)
-            for key, value in self._backup.items():
-                checkpoint["state_dict"][f"{prefix}.{key}" if prefix else key] = value.cpu().clone()
+            checkpoint["state_dict"].update({k: v.cpu().clone() for k, v in self._backup.items()})
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
         if "ema_state_dict" in checkpoint:

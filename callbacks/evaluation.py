@@ -1,4 +1,4 @@
-"""FID and CLIP-score evaluation during training and at the end of ``validate`` (DESIGN.md §6).
+"""FID and CLIP-score evaluation during training and at the end of ``validate`` (docs/design.md "Evaluation").
 
 The metric networks (Inception, CLIP) live in these callbacks, never in the LightningModule: they stay out of
 checkpoints, out of EMA copies and out of FSDP wrapping, and run in float32 with autocast disabled.
@@ -34,6 +34,10 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from tqdm.auto import tqdm
 
+from lit_wuerstchen.evaluation import features as metric_features
+
+from .ema import EMA
+
 log = logging.getLogger(__name__)
 
 
@@ -52,7 +56,11 @@ def _slice_batch(batch: dict, start: int, stop: int) -> dict:
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items() if k != "data_errors"}
+    return {
+        k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+        for k, v in batch.items()
+        if k != "data_errors"
+    }
 
 
 def gather_rows(trainer: Trainer, values: torch.Tensor) -> torch.Tensor:
@@ -80,9 +88,7 @@ def gather_rows(trainer: Trainer, values: torch.Tensor) -> torch.Tensor:
     return torch.cat([gathered[r, : counts[r]] for r in range(len(counts))])
 
 
-def _find_ema(trainer: Trainer):
-    from .ema import EMA
-
+def _find_ema(trainer: Trainer) -> EMA | None:
     return next((cb for cb in trainer.callbacks if isinstance(cb, EMA)), None)
 
 
@@ -97,8 +103,14 @@ class GenerativeEvaluation(Callback):
     metric = "eval/metric"
     description = "evaluation"
 
-    def __init__(self, every_n_steps: int = 5000, num_images: int = 10000, batch_size: int | None = None,
-                 on_validate: bool = True, seed: int = 0):
+    def __init__(
+        self,
+        every_n_steps: int = 5000,
+        num_images: int = 10000,
+        batch_size: int | None = None,
+        on_validate: bool = True,
+        seed: int = 0,
+    ):
         if every_n_steps < 0:
             raise ValueError(f"every_n_steps must be >= 0 (0: never during training), got {every_n_steps}")
         if num_images < 2:
@@ -133,7 +145,9 @@ class GenerativeEvaluation(Callback):
         # before any training: a missing weights file fails now, not hours into the run
         self.build(trainer, trainer.strategy.root_device)
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if not self.every_n_steps or trainer.global_step <= 0:
             return
         bucket = trainer.global_step // self.every_n_steps
@@ -166,8 +180,9 @@ class GenerativeEvaluation(Callback):
         done = 0
         results: dict[str, list[torch.Tensor]] = {}
         loader = self._val_loader(trainer)
-        bar = tqdm(total=wanted, desc=self.description, leave=False, dynamic_ncols=True,
-                   disable=trainer.global_rank != 0)
+        bar = tqdm(
+            total=wanted, desc=self.description, leave=False, dynamic_ncols=True, disable=trainer.global_rank != 0
+        )
         try:
             empty = loader is None or (isinstance(loader, (list, tuple)) and not loader)  # no bool(): no __len__
             for full in [] if empty else loader:
@@ -192,7 +207,9 @@ class GenerativeEvaluation(Callback):
             bar.close()
             del loader  # shuts its worker processes down
         if done < wanted:
-            log.warning("%s: rank %d's validation data gave %d of its %d images", self.metric, trainer.global_rank, done, wanted)
+            log.warning(
+                "%s: rank %d's validation data gave %d of its %d images", self.metric, trainer.global_rank, done, wanted
+            )
         return {k: torch.cat(v) for k, v in results.items()}
 
     def run(self, trainer: Trainer, pl_module: LightningModule, in_validation: bool = False) -> float | None:
@@ -270,13 +287,22 @@ class FIDEvaluation(GenerativeEvaluation):
 
     description = "FID"
 
-    def __init__(self, every_n_steps: int = 5000, num_images: int = 10000, batch_size: int | None = None,
-                 inception_weights: str | None = None, reference_stats: str | None = None,
-                 on_validate: bool = True, seed: int = 0, features: str = "inception", feature_extractor: Any = None):
+    def __init__(
+        self,
+        every_n_steps: int = 5000,
+        num_images: int = 10000,
+        batch_size: int | None = None,
+        inception_weights: str | None = None,
+        reference_stats: str | None = None,
+        on_validate: bool = True,
+        seed: int = 0,
+        features: str = "inception",
+        feature_extractor: Any = None,
+    ):
         super().__init__(every_n_steps, num_images, batch_size, on_validate, seed)
-        from lit_wuerstchen.evaluation.features import check_fid_features
-
-        self.features = check_fid_features(features)  # a typo fails when the config is read, not at setup
+        self.features = metric_features.check_fid_features(
+            features
+        )  # a typo fails when the config is read, not at setup
         self.metric = "eval/fid" if features == "inception" else "eval/fid_random_features"
         self.inception_weights = inception_weights
         self.reference_stats = reference_stats
@@ -287,15 +313,11 @@ class FIDEvaluation(GenerativeEvaluation):
 
     def build(self, trainer: Trainer, device: torch.device) -> None:
         if self.extractor is None:
-            from lit_wuerstchen.evaluation.features import make_fid_features
-
-            self.extractor = make_fid_features(self.features, self.inception_weights, device)
+            self.extractor = metric_features.make_fid_features(self.features, self.inception_weights, device)
         elif hasattr(self.extractor, "to"):
             self.extractor = self.extractor.to(device) or self.extractor
 
     def reference_key(self, trainer: Trainer) -> str:
-        from lit_wuerstchen.evaluation.features import extractor_name
-
         dm = getattr(trainer, "datamodule", None)
         dataset: Any = None
         if dm is not None and hasattr(dm, "val_urls"):
@@ -306,8 +328,16 @@ class FIDEvaluation(GenerativeEvaluation):
         if dataset is None:
             dataset = getattr(dm, "val_shards", None) or type(dm).__name__
         resolution = getattr(dm, "val_resolution", None) or getattr(dm, "resolution", None)
-        return json.dumps({"dataset": dataset, "resolution": resolution, "count": self.num_images,
-                           "extractor": extractor_name(self.extractor), "world_size": trainer.world_size}, sort_keys=True)
+        return json.dumps(
+            {
+                "dataset": dataset,
+                "resolution": resolution,
+                "count": self.num_images,
+                "extractor": metric_features.extractor_name(self.extractor),
+                "world_size": trainer.world_size,
+            },
+            sort_keys=True,
+        )
 
     def _path(self, trainer: Trainer, key: str) -> Path:
         if self.reference_stats:
@@ -318,11 +348,9 @@ class FIDEvaluation(GenerativeEvaluation):
     def before_run(self, trainer: Trainer, pl_module: LightningModule) -> None:
         need = False
         if trainer.is_global_zero and self._reference is None:
-            from lit_wuerstchen.evaluation.features import read_reference_stats
-
             key = self.reference_key(trainer)
             self.reference_path = self._path(trainer, key)
-            cached = read_reference_stats(self.reference_path, key)
+            cached = metric_features.read_reference_stats(self.reference_path, key)
             if cached is not None:
                 self._reference = (cached["mu"], cached["sigma"])
                 log.info("FID reference statistics read from %s", self.reference_path)
@@ -343,26 +371,30 @@ class FIDEvaluation(GenerativeEvaluation):
         return ["fake", "real"] if self._need_reference else ["fake"]
 
     def compute(self, trainer: Trainer, gathered: dict[str, torch.Tensor]) -> float | None:
-        from lit_wuerstchen.evaluation.features import (
-            extractor_name, feature_statistics, frechet_distance_from_statistics, write_reference_stats,
-        )
-
         fake = gathered["fake"]
         if self._need_reference:
             real = gathered["real"]
             if real.shape[0] < 2:
                 log.warning("FID: fewer than 2 validation images; skipped")
                 return None
-            mu, sigma = feature_statistics(real)
-            write_reference_stats(self.reference_path, mu, sigma, real.shape[0], extractor_name(self.extractor),
-                                  self.reference_key(trainer))
+            mu, sigma = metric_features.feature_statistics(real)
+            metric_features.write_reference_stats(
+                self.reference_path,
+                mu,
+                sigma,
+                real.shape[0],
+                metric_features.extractor_name(self.extractor),
+                self.reference_key(trainer),
+            )
             log.info("FID reference statistics of %d images written to %s", real.shape[0], self.reference_path)
             self._reference = (mu, sigma)
             self._need_reference = False
         if fake.shape[0] < 2:
             log.warning("FID: fewer than 2 generated images; skipped")
             return None
-        return frechet_distance_from_statistics(*feature_statistics(fake), *self._reference)
+        return metric_features.frechet_distance_from_statistics(
+            *metric_features.feature_statistics(fake), *self._reference
+        )
 
 
 # --- CLIP score --------------------------------------------------------------------------------------------------
@@ -376,27 +408,42 @@ class CLIPScoreEvaluation(GenerativeEvaluation):
         offload: keep the CLIP model on the CPU between evaluations (ViT-bigG-14 is ~10 GB in float32) and move
             it to the GPU only for the evaluation pass.
         scorer: for tests: an object with ``score(images, prompts) -> [N]`` instead of building a CLIP model.
+
+    Logged as ``eval/clip_score``; with a randomly initialised CLIP (no ``pretrained`` tag, no ``weights_file``:
+    toy runs, plumbing only) as ``eval/clip_score_random_weights``, a number that says nothing about image-text
+    agreement and is never reported as a CLIP score.
     """
 
-    metric = "eval/clip_score"
     description = "CLIP score"
 
-    def __init__(self, model_name: str = "ViT-bigG-14", pretrained: str | None = "laion2b_s39b_b160k",
-                 weights_file: str | None = None, model_config_file: str | None = None,
-                 every_n_steps: int = 5000, num_images: int = 10000, batch_size: int | None = None,
-                 on_validate: bool = True, seed: int = 0, offload: bool = True, scorer: Any = None):
+    def __init__(
+        self,
+        model_name: str = "ViT-bigG-14",
+        pretrained: str | None = "laion2b_s39b_b160k",
+        weights_file: str | None = None,
+        model_config_file: str | None = None,
+        every_n_steps: int = 5000,
+        num_images: int = 10000,
+        batch_size: int | None = None,
+        on_validate: bool = True,
+        seed: int = 0,
+        offload: bool = True,
+        scorer: Any = None,
+    ):
         super().__init__(every_n_steps, num_images, batch_size, on_validate, seed)
         self.model_name, self.pretrained = model_name, pretrained
         self.weights_file, self.model_config_file = weights_file, model_config_file
         self.offload = offload
         self.scorer = scorer
+        random_weights = scorer is None and pretrained is None and weights_file is None
+        self.metric = "eval/clip_score_random_weights" if random_weights else "eval/clip_score"
 
     def build(self, trainer: Trainer, device: torch.device) -> None:
         if self.scorer is None:
-            from lit_wuerstchen.evaluation.features import ClipScorer
-
             where = torch.device("cpu") if self.offload else device
-            self.scorer = ClipScorer(self.model_name, self.pretrained, self.weights_file, self.model_config_file, device=where)
+            self.scorer = metric_features.ClipScorer(
+                self.model_name, self.pretrained, self.weights_file, self.model_config_file, device=where
+            )
 
     def before_run(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.offload and hasattr(self.scorer, "to"):

@@ -28,7 +28,10 @@ class ImageLogger(Callback):
         rows = [img.detach().float().cpu().clamp(0, 1) for img in images.values()]
         count = min(row.shape[0] for row in rows)
         size = max(row.shape[-2] for row in rows), max(row.shape[-1] for row in rows)
-        rows = [F.interpolate(row[:count], size=size, mode="nearest") if row.shape[-2:] != size else row[:count] for row in rows]
+        rows = [
+            F.interpolate(row[:count], size=size, mode="nearest") if row.shape[-2:] != size else row[:count]
+            for row in rows
+        ]
         return torchvision.utils.make_grid(torch.cat(rows), nrow=count, padding=2, pad_value=1.0)
 
     @torch.no_grad()
@@ -57,6 +60,8 @@ class ImageLogger(Callback):
         if trainer.global_step % self.every_n_steps == 0:
             self._log(trainer, pl_module, batch, "train")
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         if self.on_validation and batch_idx == 0 and not trainer.sanity_checking:
             self._log(trainer, pl_module, batch, "val")

@@ -23,8 +23,11 @@ class SampleWriter(BasePredictionWriter):
         self._part(trainer).unlink(missing_ok=True)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        settings = {"seed": int(prediction["seed"]), "height": int(prediction["height"]),
-                    "width": int(prediction["width"])}
+        settings = {
+            "seed": int(prediction["seed"]),
+            "height": int(prediction["height"]),
+            "width": int(prediction["width"]),
+        }
         records = write_samples(self.out_dir, prediction["images"], prediction["prompt"], prediction["index"], settings)
         with self._part(trainer).open("a") as part:
             part.writelines(json.dumps(record) + "\n" for record in records)

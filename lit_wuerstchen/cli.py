@@ -1,12 +1,22 @@
-"""``python -m lit_wuerstchen``: LightningCLI (fit / validate / test / predict) plus the dataset tools."""
+"""``python -m lit_wuerstchen``: LightningCLI (fit / validate / test / predict) plus sample, export, evaluate, data and
+sweep."""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import lightning as L
 from jsonargparse import set_parsing_settings
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+
+from .callbacks import EMA, CrashCheckpoint, ImageLogger
+from .checkpoints import CheckpointError
+from .data.cli import main as data_main
+from .evaluation.report import main as evaluate_main
+from .sample import main_export, main_sample
+from .sweep import main as sweep_main
 
 OVERVIEW = """\
 usage: python -m lit_wuerstchen <command> [options]
@@ -29,9 +39,39 @@ inference and tools:
 'python -m lit_wuerstchen <command> --help' shows the options of each command.
 """
 
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+# Callbacks every run has, each its own config group (`ema: {decay: 0.99}` in a later file changes that one value
+# and keeps the rest); evaluation callbacks are listed under trainer.callbacks by the stage configs.
+NAMED_CALLBACKS = {
+    "checkpoint": ModelCheckpoint,
+    "lr_monitor": LearningRateMonitor,
+    "ema": EMA,
+    "image_logger": ImageLogger,
+    "crash_checkpoint": CrashCheckpoint,
+}
+
+
+def experiments_dir() -> Path:
+    """The experiment configs: ``experiments/`` of a clone, or the copy an installed wheel carries."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package.parent / "experiments", package / "experiments"):
+        if (candidate / "common").is_dir():
+            return candidate
+    raise FileNotFoundError(f"no experiments/common/ next to {package} (a broken install?)")
+
+
+def default_config() -> Path:
+    """Trainer, logger and callback defaults of every run, read before any ``-c`` file."""
+    return experiments_dir() / "common" / "defaults.yaml"
+
 
 class WuerstchenCLI(LightningCLI):
-    """LightningCLI with our defaults: subclass mode for model and data, omegaconf+ interpolation."""
+    """LightningCLI with our defaults: subclass mode for model and data, omegaconf+ interpolation, the named
+    callback groups, and ``experiments/common/defaults.yaml`` as the default config of every subcommand."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        for name, callback in NAMED_CALLBACKS.items():
+            parser.add_lightning_class_args(callback, name)
 
     def _parse_ckpt_path(self) -> None:
         # Lightning would apply the checkpoint's saved hyper-parameters *over* the given configs and flags, so
@@ -46,17 +86,32 @@ def run_lightning_cli(args: list[str] | None = None, run: bool = True) -> Wuerst
     and trainer from configs given without a subcommand (benchmarks, notebooks)."""
     # Absolute ${model...} interpolations keep working inside nested (subclass) groups.
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+    # The defaults file belongs to the subcommands' parsers (its keys are theirs), not to the main parser.
+    subcommand_settings = {"parser_mode": "omegaconf+", "default_config_files": [str(default_config())]}
     return WuerstchenCLI(
         L.LightningModule,
         L.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        parser_kwargs={"parser_mode": "omegaconf+"},
+        parser_kwargs=(
+            {"parser_mode": "omegaconf+", **{command: subcommand_settings for command in SUBCOMMANDS}}
+            if run
+            else subcommand_settings  # no subcommands: the main parser is the one that reads the configs
+        ),
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
         args=args,
         run=run,
     )
+
+
+COMMANDS = {
+    "data": lambda argv: data_main(argv, prog="python -m lit_wuerstchen data"),
+    "sample": main_sample,
+    "export": main_export,
+    "evaluate": evaluate_main,
+    "sweep": sweep_main,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,21 +120,25 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(OVERVIEW)
         return 0
-    if argv[0] == "data":
-        from .data.cli import main as data_main
-
-        return data_main(argv[1:], prog="python -m lit_wuerstchen data")
-    if argv[0] in ("sample", "export"):
-        from .sample import main_export, main_sample
-
-        return (main_sample if argv[0] == "sample" else main_export)(argv[1:])
-    if argv[0] == "evaluate":
-        from .evaluation.report import main as evaluate_main
-
-        return evaluate_main(argv[1:])
-    if argv[0] == "sweep":
-        from .sweep import main as sweep_main
-
-        return sweep_main(argv[1:])
-    run_lightning_cli(None if from_command_line else argv)
+    if argv[0] in COMMANDS:
+        return COMMANDS[argv[0]](argv[1:])
+    try:
+        run_lightning_cli(None if from_command_line else argv)
+    except Exception as error:
+        cause = checkpoint_error(error)
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
+        return 2
     return 0
+
+
+def checkpoint_error(error: BaseException) -> CheckpointError | None:
+    """The CheckpointError behind ``error`` (jsonargparse wraps errors raised while instantiating a model)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, CheckpointError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None

@@ -15,7 +15,12 @@ import sys
 import time
 from pathlib import Path
 
+from PIL import Image
+
 from .cli import run_lightning_cli
+from .data import iter_shard
+from .evaluation import shapes_alignment
+from .sample import main_sample
 
 RUN_VERSION = "demo"
 STAGES = ("stage_a", "stage_b", "stage_c")
@@ -29,8 +34,15 @@ def _fit_stage(stage: str, extra: list[str]) -> dict:
         shutil.rmtree(run_dir)  # a previous demo's checkpoints would be versioned, not replaced
     start = time.perf_counter()
     cli = run_lightning_cli(
-        ["fit", "-c", f"experiments/{stage}.yaml", "-c", f"experiments/toy/{stage}.yaml",
-         f"--trainer.logger.init_args.version={RUN_VERSION}", *extra]
+        [
+            "fit",
+            "-c",
+            f"experiments/{stage}.yaml",
+            "-c",
+            f"experiments/toy/{stage}.yaml",
+            f"--trainer.logger.init_args.version={RUN_VERSION}",
+            *extra,
+        ]
     )
     return {
         "stage": stage,
@@ -42,8 +54,6 @@ def _fit_stage(stage: str, extra: list[str]) -> dict:
 
 def _held_out_prompts(count: int) -> list[str]:
     """Captions of the synthetic set's validation split (data/shapes/, never trained on)."""
-    from .data import iter_shard
-
     prompts = []
     for shard in sorted(Path("data/shapes").glob("val-*.tar")):
         for sample in iter_shard(str(shard)):
@@ -54,26 +64,36 @@ def _held_out_prompts(count: int) -> list[str]:
 
 
 def _sample(stage_c_checkpoint: Path) -> dict:
-    from .evaluation import shapes_alignment
-    from .sample import main_sample
-
     if SAMPLES_DIR.exists():
         shutil.rmtree(SAMPLES_DIR)
     SAMPLES_DIR.mkdir(parents=True)
     prompts_file = SAMPLES_DIR / "prompts.txt"
     prompts_file.write_text("\n".join(_held_out_prompts(NUM_PROMPTS)) + "\n")
     start = time.perf_counter()
-    code = main_sample(["--ckpt", str(stage_c_checkpoint), "--prompts_file", str(prompts_file),
-                        "--out", str(SAMPLES_DIR), "--batch_size", "16", "--seed", "0"])
+    code = main_sample(
+        [
+            "--ckpt",
+            str(stage_c_checkpoint),
+            "--prompts_file",
+            str(prompts_file),
+            "--out",
+            str(SAMPLES_DIR),
+            "--batch_size",
+            "16",
+            "--seed",
+            "0",
+        ]
+    )
     if code:
         raise SystemExit(code)
     seconds = time.perf_counter() - start
-    from PIL import Image
-
     records = [json.loads(line) for line in (SAMPLES_DIR / "samples.jsonl").read_text().splitlines()]
     images = [Image.open(SAMPLES_DIR / record["path"]).convert("RGB") for record in records]
-    return {"seconds_per_image": seconds / len(records), "count": len(records),
-            "alignment": shapes_alignment(images, [record["prompt"] for record in records])}
+    return {
+        "seconds_per_image": seconds / len(records),
+        "count": len(records),
+        "alignment": shapes_alignment(images, [record["prompt"] for record in records]),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,11 +110,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{run['stage']}: {run['minutes']:.1f} min, logs and checkpoints in {run['log_dir']}")
         for name, value in sorted(run["metrics"].items()):
             print(f"    {name:<26} {value:.4f}")
-    print(f"samples: {sampled['count']} images of held-out prompts in {SAMPLES_DIR}/ (manifest: samples.jsonl), "
-          f"{sampled['seconds_per_image']:.2f} s per image")
+    print(
+        f"samples: {sampled['count']} images of held-out prompts in {SAMPLES_DIR}/ (manifest: samples.jsonl), "
+        f"{sampled['seconds_per_image']:.2f} s per image"
+    )
     alignment = sampled["alignment"]
-    print("shapes alignment: " + ", ".join(f"{k} {alignment[k]:.3f}" for k in
-                                             ("background", "colour", "shape", "position", "size", "all")))
+    print(
+        "shapes alignment: "
+        + ", ".join(f"{k} {alignment[k]:.3f}" for k in ("background", "colour", "shape", "position", "size", "all"))
+    )
     print(f"total wall time: {(time.perf_counter() - total_start) / 60:.1f} min")
     print("watch the runs: .venv/bin/tensorboard --logdir outputs")
     return 0

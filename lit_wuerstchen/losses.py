@@ -2,54 +2,41 @@
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
+from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
 
-from .offline import load_torchvision_weights
+from .offline import torchvision_weights_file
 
-# LPIPS network name -> (torchvision builder, torchvision weights enum)
+# LPIPS network name -> the torchvision weights torchmetrics builds its backbone from
 _LPIPS_BACKBONES = {
-    "vgg": ("vgg16", "VGG16_Weights"),
-    "alex": ("alexnet", "AlexNet_Weights"),
-    "squeeze": ("squeezenet1_1", "SqueezeNet1_1_Weights"),
+    "vgg": torchvision.models.VGG16_Weights,
+    "alex": torchvision.models.AlexNet_Weights,
+    "squeeze": torchvision.models.SqueezeNet1_1_Weights,
 }
 
 
-def build_lpips(net: str = "vgg", backbone_weights: str | None = None) -> nn.Module:
-    """LPIPS through torchmetrics, frozen and in eval mode; call it as ``lpips(x, y, normalize=True)`` on [0, 1].
+class PerceptualLoss(nn.Module):
+    """LPIPS through torchmetrics' public metric, as a differentiable mean over the batch; call it on [0, 1] images.
 
-    torchmetrics ships LPIPS's linear heads; the ImageNet backbone comes from ``backbone_weights`` (a local
-    torchvision state-dict file) or torchvision's cache. Offline without it: a clear error now, not a hang.
+    torchmetrics ships LPIPS's linear heads and takes the ImageNet backbone from torchvision, which reads torch's
+    hub cache: the file is located first (offline and missing: a clear error now, not a hang in download retries).
     """
-    if net not in _LPIPS_BACKBONES:
-        raise ValueError(f"perceptual net must be one of {sorted(_LPIPS_BACKBONES)}, got {net!r}")
-    import torchvision
-    from torchmetrics.functional.image.lpips import _LPIPS
 
-    builder, weights_enum = _LPIPS_BACKBONES[net]
-    if backbone_weights is not None:
-        path = Path(backbone_weights)
-        if not path.is_file():
-            raise FileNotFoundError(f"perceptual backbone weights file not found: {path}")
-        backbone_state = torch.load(path, map_location="cpu", weights_only=True)
-    else:
-        backbone_state = load_torchvision_weights(getattr(torchvision.models, weights_enum).DEFAULT)
+    def __init__(self, net: str = "vgg"):
+        super().__init__()
+        if net not in _LPIPS_BACKBONES:
+            raise ValueError(f"perceptual net must be one of {sorted(_LPIPS_BACKBONES)}, got {net!r}")
+        torchvision_weights_file(_LPIPS_BACKBONES[net].DEFAULT)
+        self.metric = LearnedPerceptualImagePatchSimilarity(net_type=net, reduction="mean", normalize=True)
+        self.requires_grad_(False).eval()
 
-    lpips = _LPIPS(pretrained=True, net=net, pnet_rand=True)  # linear heads pretrained, backbone random for now
-    # torchmetrics keeps the backbone as slices of torchvision's `features`, indexed like `features`.
-    slice_state = {}
-    for key in lpips.net.state_dict():
-        match = re.fullmatch(r"slice\d+\.(\d+)\.(.+)", key)
-        if match is None or f"features.{match[1]}.{match[2]}" not in backbone_state:
-            raise RuntimeError(f"cannot map LPIPS backbone parameter {key!r} onto torchvision {builder} weights")
-        slice_state[key] = backbone_state[f"features.{match[1]}.{match[2]}"]
-    lpips.net.load_state_dict(slice_state)
-    lpips.eval().requires_grad_(False)
-    return lpips
+    def forward(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        value = self.metric(images, targets)
+        self.metric.reset()  # a loss, not an accumulating metric: keep no state (nor its autograd graph) around
+        return value
 
 
 def hinge_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:

@@ -6,14 +6,17 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 import torchvision
 from tqdm.auto import tqdm
 
+from .checkpoints import CheckpointError, load_pipeline, save_pipeline
+from .data.prompts import read_prompts
 from .diffusion import SamplingConfig
+from .generation import check_image_size
 
 DEFAULT_IMAGE_SIZE = 256
 
@@ -35,7 +38,7 @@ def build_sample_parser(prog: str) -> argparse.ArgumentParser:
         description="Generate images from text with a trained Würstchen: text -> Stage C -> Stage B -> Stage A. "
         "Writes OUT/images/<index>.png and OUT/samples.jsonl (one JSON object per image: prompt, path relative "
         "to OUT, seed and every setting used). For very large sets across GPUs use the Lightning 'predict' "
-        "command with lit_wuerstchen.data.PromptDataModule and callbacks.SampleWriter (see README).",
+        "command with lit_wuerstchen.data.PromptDataModule and lit_wuerstchen.callbacks.SampleWriter (see README).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--ckpt", required=True, help="Stage C checkpoint (.ckpt) or an exported pipeline folder")
@@ -63,9 +66,9 @@ def build_sample_parser(prog: str) -> argparse.ArgumentParser:
     return parser
 
 
-def _sampling(base: dict | None, sampler: str | None, steps: int | None, guidance: float | None,
-              fallback: SamplingConfig) -> SamplingConfig:
-    config = SamplingConfig(**base) if base else fallback
+def _sampling(base: SamplingConfig, sampler: str | None, steps: int | None, guidance: float | None) -> SamplingConfig:
+    """The pipeline's sampling defaults with the command line's overrides."""
+    config = replace(base)
     if sampler is not None:
         config.sampler = sampler
     if steps is not None:
@@ -82,9 +85,6 @@ def _device(name: str) -> torch.device:
 
 
 def run_sample(args: argparse.Namespace) -> int:
-    from .data.prompts import read_prompts
-    from .pipeline import WuerstchenPipeline
-
     prompts = list(args.prompt) + (read_prompts(args.prompts_file) if args.prompts_file else [])
     if not prompts:
         print("error: give at least one --prompt or a --prompts_file", file=sys.stderr)
@@ -94,47 +94,52 @@ def run_sample(args: argparse.Namespace) -> int:
         return 2
     prompts = [prompt for prompt in prompts for _ in range(args.images_per_prompt)]
 
-    pipeline = WuerstchenPipeline.load(args.ckpt, args.stage_b_ckpt, args.stage_a_ckpt, use_ema=not args.no_ema).to(_device(args.device))
+    pipeline = load_pipeline(args.ckpt, args.stage_b_ckpt, args.stage_a_ckpt, use_ema=not args.no_ema)
+    pipeline = pipeline.to(_device(args.device))
     config = pipeline.config
-    trained_size = config.get("image_size") or [DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE]
+    trained_size = config.image_size or [DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE]
     height, width = args.height or trained_size[0], args.width or trained_size[1]
-    try:
-        from .pipeline import check_image_size
-
-        check_image_size(pipeline.decoder, pipeline.stage_a, height, width)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    prior_sampling = _sampling(config.get("prior_sampling"), args.prior_sampler, args.prior_steps,
-                               args.prior_guidance, SamplingConfig(t_list="stage_c_default", guidance_scale=4.0))
-    decoder_sampling = _sampling(config.get("decoder_sampling"), args.decoder_sampler, args.decoder_steps,
-                                 args.decoder_guidance, SamplingConfig(steps=12))
+    check_image_size(pipeline.decoder, pipeline.stage_a, height, width)
+    prior_sampling = _sampling(config.prior_sampling, args.prior_sampler, args.prior_steps, args.prior_guidance)
+    decoder_sampling = _sampling(
+        config.decoder_sampling, args.decoder_sampler, args.decoder_steps, args.decoder_guidance
+    )
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    settings = {"height": height, "width": width, "negative_prompt": args.negative_prompt, "checkpoint": str(args.ckpt),
-                "prior_sampling": asdict(prior_sampling), "decoder_sampling": asdict(decoder_sampling)}
+    settings = {
+        "height": height,
+        "width": width,
+        "negative_prompt": args.negative_prompt,
+        "checkpoint": str(args.ckpt),
+        "prior_sampling": asdict(prior_sampling),
+        "decoder_sampling": asdict(decoder_sampling),
+    }
     records = []
     start = time.perf_counter()
     batches = range(0, len(prompts), args.batch_size)
     for batch_number, first in enumerate(tqdm(batches, desc="sampling", unit="batch")):
-        batch = prompts[first:first + args.batch_size]
+        batch = prompts[first : first + args.batch_size]
         seed = args.seed + batch_number
         generator = torch.Generator(device=pipeline.device).manual_seed(seed)
-        images = pipeline.generate(batch, height, width, prior_sampling, decoder_sampling, args.negative_prompt,
-                                   generator)
+        images = pipeline.generate(
+            batch, height, width, prior_sampling, decoder_sampling, args.negative_prompt, generator
+        )
         records += write_samples(out, images, batch, range(first, first + len(batch)), {"seed": seed, **settings})
         # The manifest is rewritten after every batch: an interrupted job keeps what it made.
         (out / "samples.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
     elapsed = time.perf_counter() - start
-    print(f"wrote {len(records)} images to {out / 'images'} and {out / 'samples.jsonl'} "
-          f"({elapsed / len(records):.2f} s per image on {pipeline.device})")
+    print(
+        f"wrote {len(records)} images to {out / 'images'} and {out / 'samples.jsonl'} "
+        f"({elapsed / len(records):.2f} s per image on {pipeline.device})"
+    )
     return 0
 
 
 def build_export_parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=prog, description="Export a Stage C checkpoint (with its Stage B and Stage A) as a self-contained "
+        prog=prog,
+        description="Export a Stage C checkpoint (with its Stage B and Stage A) as a self-contained "
         "pipeline folder: safetensors weights per part + pipeline.json. 'sample --ckpt FOLDER' accepts it.",
     )
     parser.add_argument("--ckpt", required=True, help="Stage C checkpoint")
@@ -146,10 +151,8 @@ def build_export_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from .pipeline import WuerstchenPipeline
-
-    pipeline = WuerstchenPipeline.load(args.ckpt, args.stage_b_ckpt, args.stage_a_ckpt, use_ema=not args.no_ema)
-    out = pipeline.export(args.out)
+    pipeline = load_pipeline(args.ckpt, args.stage_b_ckpt, args.stage_a_ckpt, use_ema=not args.no_ema)
+    out = save_pipeline(pipeline, args.out)
     print(f"exported the pipeline to {out}")
     return 0
 
@@ -166,6 +169,6 @@ def _guarded(command, args: argparse.Namespace) -> int:
     """Missing or wrong checkpoints and files end with a one-line error, not a traceback."""
     try:
         return command(args)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

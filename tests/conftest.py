@@ -20,10 +20,10 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory) -> Path:
     """A small synthetic shapes set (32 px) shared by the tests that train something."""
-    from lit_wuerstchen.data import generate_shapes_dataset
-
     out = tmp_path_factory.mktemp("shapes")
-    generate_shapes_dataset(out, num_train=512, num_val=64, resolution=32, seed=0, samples_per_shard=128, progress=False)
+    generate_shapes_dataset(
+        out, num_train=512, num_val=64, resolution=32, seed=0, samples_per_shard=128, progress=False
+    )
     return out
 
 
@@ -60,16 +60,10 @@ def toy_data_args(shapes_dir: Path) -> list[str]:
 
 
 # --- tiny models shared by the stage tests --------------------------------------------------------------------
-from lit_wuerstchen.data import ShardDataModule  # noqa: E402
-from lit_wuerstchen.models.vqgan import VQGANConfig  # noqa: E402
-from lit_wuerstchen.stages import (  # noqa: E402
-    CompressorConfig,
-    OptimizerConfig,
-    SamplingConfig,
-    StageA,
-    StageB,
-    StageBConfig,
-)
+from lit_wuerstchen.data import ShardDataModule, generate_shapes_dataset  # noqa: E402
+from lit_wuerstchen.diffusion import SamplingConfig  # noqa: E402
+from lit_wuerstchen.models import CompressorConfig, DiffNeXtConfig, VQGANConfig  # noqa: E402
+from lit_wuerstchen.stages import OptimizerConfig, StageA, StageB  # noqa: E402
 
 TINY = VQGANConfig(channels=[16, 32], encoder_blocks=[1, 1], decoder_blocks=[1, 1], codebook_size=64)
 
@@ -81,26 +75,43 @@ def tiny_stage_a(**kwargs) -> StageA:
 
 def datamodule(shapes_dir, batches: int = 40) -> ShardDataModule:
     return ShardDataModule(
-        train_shards=f"{shapes_dir}/train-{{000000..000003}}.tar", val_shards=f"{shapes_dir}/val-000000.tar",
-        resolution=32, batch_size=8, num_workers=0, train_batches_per_epoch=batches, shuffle_buffer=64,
+        train_shards=f"{shapes_dir}/train-{{000000..000003}}.tar",
+        val_shards=f"{shapes_dir}/val-000000.tar",
+        resolution=32,
+        batch_size=8,
+        num_workers=0,
+        train_batches_per_epoch=batches,
+        shuffle_buffer=64,
     )
 
 
 def trainer(**kwargs) -> L.Trainer:
-    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     return L.Trainer(**{**defaults, **kwargs})
 
 
-TINY_NETWORK = StageBConfig(widths=[16, 32], blocks=[1, 1], heads=[0, 2], semantic_levels=[0, 1], r_embedding_dim=16)
+TINY_NETWORK = DiffNeXtConfig(widths=[16, 32], blocks=[1, 1], heads=[0, 2], semantic_levels=[0, 1], r_embedding_dim=16)
 TINY_COMPRESSOR = CompressorConfig(backbone="tiny", pretrained=False, tiny_widths=[8, 16])
 
 
 def tiny_stage_b(stage_a_checkpoint, **kwargs) -> StageB:
     kwargs.setdefault("optimizer", OptimizerConfig(lr=2e-3, warmup_steps=0))
     kwargs.setdefault("validation_sampling", SamplingConfig(sampler="ddim", steps=4))
-    return StageB(stage_a_checkpoint=str(stage_a_checkpoint), compression=8, network=TINY_NETWORK,
-                  compressor=TINY_COMPRESSOR, **kwargs)
+    return StageB(
+        stage_a_checkpoint=str(stage_a_checkpoint),
+        compression=8,
+        network=TINY_NETWORK,
+        compressor=TINY_COMPRESSOR,
+        **kwargs,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+from conftest import datamodule, tiny_stage_a, trainer
 from torch import nn
 
-from callbacks import EMA, ImageLogger
-from lit_wuerstchen.stages import load_vqgan
-from conftest import datamodule, tiny_stage_a, trainer
+from lit_wuerstchen.callbacks import EMA, ImageLogger
+from lit_wuerstchen.checkpoints import load_stage_a, read_checkpoint
 
 
 class _Holder(nn.Module):
@@ -16,8 +16,8 @@ class _Holder(nn.Module):
         super().__init__()
         self.net = nn.Linear(2, 1)
 
-    def ema_network(self):
-        return self.net
+    def trained_networks(self):
+        return {"net": self.net}
 
 
 class _FakeTrainer:
@@ -33,7 +33,7 @@ def test_ema_math_start_step_and_interval():
             module.net.weight.fill_(float(step))
         fake.global_step = step
         ema.on_train_batch_end(fake, module, None, None, step)
-        history.append(None if ema.averages is None else ema.averages["weight"][0, 0].item())
+        history.append(None if ema.averages is None else ema.averages["net.weight"][0, 0].item())
     # step 1: not an update step, so no average exists yet
     # step 2: update -> at/after start_step: lerp from the copy made when the average was created (weights=2)
     # step 4: 0.5*2 + 0.5*4 = 3; step 6: 0.5*3 + 0.5*6 = 4.5
@@ -50,7 +50,7 @@ def test_ema_tracks_the_weights_before_start_step():
             module.net.weight.fill_(float(step))
         fake.global_step = step
         ema.on_train_batch_end(fake, module, None, None, step)
-        assert ema.averages["weight"][0, 0].item() == float(step)
+        assert ema.averages["net.weight"][0, 0].item() == float(step)
 
 
 def test_ema_checkpoint_round_trip_resume_and_validation_swap(shapes_dir, tmp_path):
@@ -61,17 +61,19 @@ def test_ema_checkpoint_round_trip_resume_and_validation_swap(shapes_dir, tmp_pa
     trainer(max_steps=6, limit_val_batches=0, callbacks=[ema, checkpoint_cb], enable_checkpointing=True).fit(
         model, datamodule=datamodule(shapes_dir, batches=6)
     )
-    checkpoint = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)
+    checkpoint = read_checkpoint(tmp_path / "last.ckpt")
     saved_ema = checkpoint["ema_state_dict"]
+    # the average is keyed like the LightningModule's own state dict
+    assert set(saved_ema) == {k for k in checkpoint["state_dict"] if k.startswith("vqgan.")}
     for key, value in ema.averages.items():
         assert torch.equal(saved_ema[key], value)
     # the model's own weights in the checkpoint are the trained ones, not the average
-    trained = {k.removeprefix("vqgan."): v for k, v in checkpoint["state_dict"].items() if k.startswith("vqgan.")}
-    assert torch.equal(trained["encoder.0.mlp.0.weight"], model.vqgan.state_dict()["encoder.0.mlp.0.weight"])
-    assert not torch.equal(trained["encoder.0.mlp.0.weight"], saved_ema["encoder.0.mlp.0.weight"])
+    key = "vqgan.encoder.0.mlp.0.weight"
+    trained = checkpoint["state_dict"]
+    assert torch.equal(trained[key], model.state_dict()[key])
+    assert not torch.equal(trained[key], saved_ema[key])
     # downstream loaders take the EMA weights
-    assert torch.equal(load_vqgan(tmp_path / "last.ckpt").state_dict()["encoder.0.mlp.0.weight"],
-                       saved_ema["encoder.0.mlp.0.weight"])
+    assert torch.equal(load_stage_a(tmp_path / "last.ckpt").state_dict()["encoder.0.mlp.0.weight"], saved_ema[key])
 
     observed = {}
 
@@ -80,12 +82,14 @@ def test_ema_checkpoint_round_trip_resume_and_validation_swap(shapes_dir, tmp_pa
             observed["resumed"] = {k: v.clone() for k, v in resumed_ema._ensure_averages(pl_module).items()}
 
         def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-            observed["validated_with"] = {k: v.clone() for k, v in pl_module.vqgan.state_dict().items()}
+            observed["validated_with"] = {k: v.clone() for k, v in pl_module.state_dict().items()}
             observed["average_then"] = {k: v.clone() for k, v in resumed_ema.averages.items()}
 
         def on_validation_end(self, trainer, pl_module):
-            observed["after_validation"] = {k: v.clone() for k, v in pl_module.vqgan.state_dict().items()}
-            observed["training_weights"] = {k: v.clone() for k, v in resumed_ema._backup.items()} if resumed_ema._backup else None
+            observed["after_validation"] = {k: v.clone() for k, v in pl_module.state_dict().items()}
+            observed["training_weights"] = (
+                {k: v.clone() for k, v in resumed_ema._backup.items()} if resumed_ema._backup else None
+            )
 
     resumed_ema = EMA(decay=0.9)
     resumed_model = tiny_stage_a()
@@ -97,15 +101,16 @@ def test_ema_checkpoint_round_trip_resume_and_validation_swap(shapes_dir, tmp_pa
     # validation ran on the average, and training resumed on the trained weights afterwards
     for key, value in observed["average_then"].items():
         assert torch.equal(observed["validated_with"][key], value), key
-    final_trained = resumed_model.vqgan.state_dict()
-    assert not torch.equal(final_trained["encoder.0.mlp.0.weight"], resumed_ema.averages["encoder.0.mlp.0.weight"])
+    final_trained = resumed_model.state_dict()
+    assert not torch.equal(final_trained[key], resumed_ema.averages[key])
 
 
 def test_image_logger_grid_and_files(shapes_dir, tmp_path):
     model = tiny_stage_a()
     logger = L.pytorch.loggers.TensorBoardLogger(tmp_path, name="run", version="v")
-    trainer(max_steps=3, limit_val_batches=1, val_check_interval=3, logger=logger,
-            callbacks=[ImageLogger(every_n_steps=2)]).fit(model, datamodule=datamodule(shapes_dir, batches=3))
+    trainer(
+        max_steps=3, limit_val_batches=1, val_check_interval=3, logger=logger, callbacks=[ImageLogger(every_n_steps=2)]
+    ).fit(model, datamodule=datamodule(shapes_dir, batches=3))
     images = sorted(p.name for p in (tmp_path / "run" / "v" / "images").iterdir())
     assert images == ["train_step0000002.png", "val_step0000003.png"]
     grid = ImageLogger.make_grid({"a": torch.zeros(4, 3, 8, 8), "b": torch.ones(4, 3, 4, 4)})

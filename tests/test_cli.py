@@ -64,8 +64,15 @@ def test_bad_config_key_is_a_clear_error(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "args",
-    [["--help"], ["fit", "--help"], ["validate", "--help"], ["predict", "--help"], ["data", "--help"],
-     ["data", "shapes", "--help"], ["data", "folder", "--help"]],
+    [
+        ["--help"],
+        ["fit", "--help"],
+        ["validate", "--help"],
+        ["predict", "--help"],
+        ["data", "--help"],
+        ["data", "shapes", "--help"],
+        ["data", "folder", "--help"],
+    ],
     ids=" ".join,
 )
 def test_help_at_every_level(args, capsys):

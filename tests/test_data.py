@@ -548,7 +548,8 @@ def test_convert_folder(tmp_path, source):
 # -- command line ------------------------------------------------------------------------------------------------------
 def test_cli(tmp_path, capsys):
     assert cli_main(["shapes", "--out", str(tmp_path / "s"), "--num_train", "20", "--num_val", "4",
-                     "--resolution", "16", "--seed", "0", "--samples_per_shard", "8", "--no_progress"]) == 0  # fmt: skip
+                     "--resolution", "16", "--seed", "0", "--samples_per_shard", "8",
+                     "--no_progress"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "train-{000000..000002}.tar" in out and "val-000000.tar" in out
     assert cli_main(["folder", "--src", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
@@ -602,11 +603,20 @@ def test_reader_reports_corrupt_headers(tmp_path):
 def test_val_resolution_validates_on_whole_images_while_training_on_crops(tmp_path):
     from lit_wuerstchen.data import ShardDataModule, generate_shapes_dataset
 
-    generate_shapes_dataset(tmp_path, num_train=64, num_val=16, resolution=32, seed=1, samples_per_shard=16,
-                            progress=False)
-    dm = ShardDataModule(train_shards=f"{tmp_path}/train-*.tar", val_shards=f"{tmp_path}/val-*.tar",
-                         resolution=16, resize_to=32, val_resolution=32, batch_size=4, num_workers=0,
-                         train_batches_per_epoch=2, shuffle_buffer=8)
+    generate_shapes_dataset(
+        tmp_path, num_train=64, num_val=16, resolution=32, seed=1, samples_per_shard=16, progress=False
+    )
+    dm = ShardDataModule(
+        train_shards=f"{tmp_path}/train-*.tar",
+        val_shards=f"{tmp_path}/val-*.tar",
+        resolution=16,
+        resize_to=32,
+        val_resolution=32,
+        batch_size=4,
+        num_workers=0,
+        train_batches_per_epoch=2,
+        shuffle_buffer=8,
+    )
     dm.setup("fit")
     assert next(iter(dm.train_dataloader()))["image"].shape == (4, 3, 16, 16)
     assert next(iter(dm.val_dataloader()))["image"].shape == (4, 3, 32, 32)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import datamodule, tiny_stage_a, trainer
 
 
@@ -12,8 +11,15 @@ from conftest import datamodule, tiny_stage_a, trainer
 def test_stage_a_with_discriminator_trains_under_ddp(shapes_dir, tmp_path):
     torch.manual_seed(0)
     model = tiny_stage_a(adversarial_weight=0.1, adversarial_start_step=2, discriminator_channels=8)
-    ddp = trainer(accelerator="cpu", devices=2, strategy="ddp_fork", max_steps=4, limit_val_batches=2,
-                  val_check_interval=4, default_root_dir=tmp_path)
+    ddp = trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_fork",
+        max_steps=4,
+        limit_val_batches=2,
+        val_check_interval=4,
+        default_root_dir=tmp_path,
+    )
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ddp.fit(model, datamodule=datamodule(shapes_dir, batches=4))
     assert ddp.world_size == 2

@@ -179,6 +179,12 @@ def gaussian_v_fn(sched: CosineSchedule, mu: float, sigma: float):
     return fn
 
 
+def sample(sampler, fn, shape, t_list, sched, seed, **kwargs):
+    """Start noise and the sampler's own noise from one generator seeded ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    return sampler(fn, torch.randn(shape, generator=generator), t_list, sched, generator=generator, **kwargs)
+
+
 # Discretisation error of both samplers is O(1/steps); with sigma = 0.3 (data variance << noise
 # variance) DDPM at 100 linear steps gives std ~5% low, DDIM ~2% (measured), so use more DDPM steps here
 # and check the convergence separately.
@@ -186,8 +192,7 @@ def gaussian_v_fn(sched: CosineSchedule, mu: float, sigma: float):
 @pytest.mark.parametrize("shift", [1.0, 2.0])
 def test_sampler_reproduces_gaussian(sampler, steps, shift):
     sched = CosineSchedule(logsnr_shift=shift)
-    g = torch.Generator().manual_seed(3)
-    x = sampler(gaussian_eps_fn(sched, MU, SIGMA), (2, 4096), linear_t_list(steps), sched, generator=g)
+    x = sample(sampler, gaussian_eps_fn(sched, MU, SIGMA), (2, 4096), linear_t_list(steps), sched, seed=3)
     assert x.shape == (2, 4096)
     assert x.mean().item() == pytest.approx(MU, rel=0.02)
     assert x.std().item() == pytest.approx(SIGMA, rel=0.04)
@@ -199,7 +204,7 @@ def test_sampler_converges_with_steps(sampler):
     fn = gaussian_eps_fn(sched, MU, SIGMA)
     errs = []
     for steps in (25, 100):
-        x = sampler(fn, (4, 4096), linear_t_list(steps), sched, generator=torch.Generator().manual_seed(10))
+        x = sample(sampler, fn, (4, 4096), linear_t_list(steps), sched, seed=10)
         errs.append(abs(x.std().item() / SIGMA - 1))
         assert x.mean().item() == pytest.approx(MU, rel=0.02)
     assert errs[1] < 0.06 and errs[1] < 0.5 * errs[0]
@@ -209,10 +214,8 @@ def test_sampler_v_target_matches_eps_target():
     sched = CosineSchedule()
     tl = stage_c_default_t_list()
     for sampler in (ddim_sample, ddpm_sample):
-        xv = sampler(gaussian_v_fn(sched, MU, SIGMA), (2, 4096), tl, sched,
-                     generator=torch.Generator().manual_seed(4), target="v")
-        xe = sampler(gaussian_eps_fn(sched, MU, SIGMA), (2, 4096), tl, sched,
-                     generator=torch.Generator().manual_seed(4), target="eps")
+        xv = sample(sampler, gaussian_v_fn(sched, MU, SIGMA), (2, 4096), tl, sched, seed=4, target="v")
+        xe = sample(sampler, gaussian_eps_fn(sched, MU, SIGMA), (2, 4096), tl, sched, seed=4, target="eps")
         assert torch.allclose(xv, xe, atol=1e-3)
         assert xv.mean().item() == pytest.approx(MU, rel=0.02)
 
@@ -256,15 +259,13 @@ def test_cfg_exact_and_batched():
 
     # sampler with guidance == sampler with the batched wrapper (same generator)
     tl = linear_t_list(8)
-    a = ddpm_sample(cond_fn, (3, 4, 5), tl, sched, generator=torch.Generator().manual_seed(6),
-                    guidance_scale=w, uncond_fn=uncond_fn)
-    b = ddpm_sample(cfg_batched(joint, w), (3, 4, 5), tl, sched, generator=torch.Generator().manual_seed(6))
+    a = sample(ddpm_sample, cond_fn, (3, 4, 5), tl, sched, seed=6, guidance_scale=w, uncond_fn=uncond_fn)
+    b = sample(ddpm_sample, cfg_batched(joint, w), (3, 4, 5), tl, sched, seed=6)
     assert torch.allclose(a, b, atol=1e-5)
     # w = 1 in the sampler equals plain conditional sampling, uncond never called
     calls.clear()
-    c = ddim_sample(cond_fn, (3, 4, 5), tl, sched, generator=torch.Generator().manual_seed(6),
-                    guidance_scale=1.0, uncond_fn=counting_uncond)
-    d = ddim_sample(cond_fn, (3, 4, 5), tl, sched, generator=torch.Generator().manual_seed(6))
+    c = sample(ddim_sample, cond_fn, (3, 4, 5), tl, sched, seed=6, guidance_scale=1.0, uncond_fn=counting_uncond)
+    d = sample(ddim_sample, cond_fn, (3, 4, 5), tl, sched, seed=6)
     assert torch.equal(c, d) and calls == []
 
 
@@ -274,26 +275,67 @@ def test_progress_seed_dtype_and_x_init():
     for name in ("ddpm", "ddim"):
         sampler = make_sampler(name)
         seen = []
-        out1 = sampler(fn, (2, 64), stage_c_default_t_list(), sched,
-                       generator=torch.Generator().manual_seed(7), progress=lambda i, n: seen.append((i, n)))
+        out1 = sample(
+            sampler,
+            fn,
+            (2, 64),
+            stage_c_default_t_list(),
+            sched,
+            seed=7,
+            progress=lambda i, n, seen=seen: seen.append((i, n)),
+        )
         assert seen == [(i, 29) for i in range(29)]
-        out2 = sampler(fn, (2, 64), stage_c_default_t_list(), sched, generator=torch.Generator().manual_seed(7))
+        out2 = sample(sampler, fn, (2, 64), stage_c_default_t_list(), sched, seed=7)
         assert torch.equal(out1, out2)
-        out3 = sampler(fn, (2, 64), stage_c_default_t_list(), sched, generator=torch.Generator().manual_seed(8))
+        out3 = sample(sampler, fn, (2, 64), stage_c_default_t_list(), sched, seed=8)
         assert not torch.equal(out1, out3)
-        ob = sampler(fn, (2, 64), linear_t_list(4), sched, generator=torch.Generator().manual_seed(7),
-                     dtype=torch.bfloat16)
+        ob = sample(sampler, fn, (2, 64), linear_t_list(4), sched, seed=7, dtype=torch.bfloat16)
         assert ob.dtype == torch.bfloat16
         # clamp_x0 bounds the result (final step is a near-identity map of x0_hat)
-        oc = sampler(fn, (2, 64), linear_t_list(10), sched, generator=torch.Generator().manual_seed(7),
-                     clamp_x0=0.5)
+        oc = sample(sampler, fn, (2, 64), linear_t_list(10), sched, seed=7, clamp_x0=0.5)
         assert oc.abs().max().item() <= 0.5 + 0.05
-    # x_init: starting from a partially-noised sample with a partial t list
+    # starting from a partially-noised sample with a partial t list
     x_init = torch.randn(2, 64, generator=torch.Generator().manual_seed(9))
     seen = []
-    out = ddim_sample(fn, None, [0.5, 0.25, 0.0], sched, x_init=x_init, progress=lambda i, n: seen.append(i))
+    out = ddim_sample(fn, x_init, [0.5, 0.25, 0.0], sched, progress=lambda i, n: seen.append(i))
     assert out.shape == (2, 64) and seen == [0, 1]
     with pytest.raises(ValueError):
-        ddim_sample(fn, (2, 4), [0.0, 1.0], sched)
+        ddim_sample(fn, torch.zeros(2, 4), [0.0, 1.0], sched)
     with pytest.raises(ValueError, match="ddim"):
         make_sampler("euler")
+
+
+# ---------------------------------------------------------------------------------------------- the Diffusion object
+def test_diffusion_object_loss_and_sample():
+    from lit_wuerstchen.diffusion import Diffusion, DiffusionConfig, SamplingConfig
+
+    diffusion = Diffusion(DiffusionConfig(loss_weight="none", t_sampler="uniform"))
+    x0 = torch.full((3, 2, 4, 4), 0.5)
+    seen = []
+
+    def perfect(x_t, t):  # knows x0, so predicts the noise exactly
+        seen.append(t)
+        a, b = diffusion.schedule.coefficients(t)
+        return (x_t - a.view(-1, 1, 1, 1) * x0) / b.view(-1, 1, 1, 1)
+
+    assert diffusion.loss(perfect, x0, torch.Generator().manual_seed(0)).item() == pytest.approx(0.0, abs=1e-8)
+    # a fixed generator fixes t and the noise: the same loss twice
+    wrong = lambda x_t, t: torch.zeros_like(x_t)  # noqa: E731
+    first = diffusion.loss(wrong, x0, torch.Generator().manual_seed(1))
+    assert torch.equal(first, diffusion.loss(wrong, x0, torch.Generator().manual_seed(1)))
+    assert first.item() == pytest.approx(1.0, rel=0.3)  # E[eps^2] = 1
+    # sample() runs the configured sampler over the configured t list, with guidance only when asked
+    gaussian = gaussian_eps_fn(diffusion.schedule, MU, SIGMA)
+    calls = []
+
+    def uncond(x_t, t):
+        calls.append(1)
+        return gaussian(x_t, t)
+
+    noise = torch.randn(2, 2048, generator=torch.Generator().manual_seed(2))
+    out = diffusion.sample(gaussian, noise, SamplingConfig(sampler="ddim", steps=50), uncond_fn=uncond)
+    assert calls == [] and out.mean().item() == pytest.approx(MU, rel=0.03)
+    ref = ddim_sample(gaussian, noise, linear_t_list(50), diffusion.schedule)
+    assert torch.equal(out, ref)
+    diffusion.sample(gaussian, noise, SamplingConfig(sampler="ddim", steps=5, guidance_scale=2.0), uncond_fn=uncond)
+    assert len(calls) == 5

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO, datamodule, tiny_stage_a, trainer
 from lightning.pytorch.loggers import Logger
 from PIL import Image
 
-from callbacks import EMA, CLIPScoreEvaluation, FIDEvaluation
+from lit_wuerstchen.callbacks import EMA, CLIPScoreEvaluation, FIDEvaluation
 from lit_wuerstchen.evaluation import features as feats
-from lit_wuerstchen.evaluation import report
 from lit_wuerstchen.evaluation.features import (
     ClipScorer,
     FeatureExtractor,
@@ -30,7 +30,6 @@ from lit_wuerstchen.evaluation.features import (
     frechet_distance_from_statistics,
     load_or_compute_reference_stats,
 )
-from conftest import REPO, datamodule, tiny_stage_a, trainer
 
 # Tag names are assembled here, never written as a literal pretrained='...' argument (repo check).
 B32_TAG = "_".join(["laion2b", "s34b", "b79k"])
@@ -73,7 +72,9 @@ def test_fid_self_zero_and_monotonic_in_blur_and_noise():
 
     # from statistics == from features; tensors and arrays alike
     other = extractor(_blur(images, 1.0)).numpy()
-    assert frechet_distance_from_statistics(mu, sigma, *feature_statistics(other)) == pytest.approx(frechet_distance(base, other))
+    assert frechet_distance_from_statistics(mu, sigma, *feature_statistics(other)) == pytest.approx(
+        frechet_distance(base, other)
+    )
 
 
 def test_reference_stats_cache_written_once_and_reused(tmp_path):
@@ -184,13 +185,16 @@ def test_callbacks_in_tiny_fit_and_validate(shapes_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(feats, "write_reference_stats", lambda *a, **k: writes.append(a[0]) or original(*a, **k))
     stats = tmp_path / "fid_ref.npz"
     extractor = RandomConvFeatures()
-    fid = FIDEvaluation(every_n_steps=2, num_images=16, batch_size=5, reference_stats=str(stats), feature_extractor=extractor)
+    fid = FIDEvaluation(
+        every_n_steps=2, num_images=16, batch_size=5, reference_stats=str(stats), feature_extractor=extractor
+    )
     clip = CLIPScoreEvaluation(every_n_steps=2, num_images=16, scorer=_toy_scorer())
     logger = RecordingLogger()
     torch.manual_seed(0)
     model = tiny_stage_a()
-    fit = trainer(max_steps=4, limit_val_batches=0, logger=logger, log_every_n_steps=50,
-                  callbacks=[EMA(decay=0.9), fid, clip])
+    fit = trainer(
+        max_steps=4, limit_val_batches=0, logger=logger, log_every_n_steps=50, callbacks=[EMA(decay=0.9), fid, clip]
+    )
     fit.fit(model, datamodule=datamodule(shapes_dir, batches=4))
 
     assert model.training  # train mode restored after each evaluation
@@ -271,8 +275,23 @@ def test_evaluate_cli(shapes_dir, tmp_path, monkeypatch, capsys):
     ref = _write_samples(shapes_dir, samples)
     clip_args = ["--clip_model", "wuerstchen-tiny-clip", "--clip_pretrained", "none", "--device", "cpu"]
 
-    assert main(["evaluate", "--samples", str(samples), "--reference", str(ref), "--batch_size", "4",
-                 "--fid_features", "random", *clip_args]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--samples",
+                str(samples),
+                "--reference",
+                str(ref),
+                "--batch_size",
+                "4",
+                "--fid_features",
+                "random",
+                *clip_args,
+            ]
+        )
+        == 0
+    )
     data = json.loads((samples / "evaluation.json").read_text())
     metrics = data["metrics"]
     assert data["num_samples"] == 10 and data["resolution"] == [32, 32]
@@ -285,8 +304,25 @@ def test_evaluate_cli(shapes_dir, tmp_path, monkeypatch, capsys):
 
     # shard pattern as reference; missing reference -> fid skipped with reason; clip off
     out = tmp_path / "r2.json"
-    assert main(["evaluate", "--samples", str(samples), "--reference", f"{shapes_dir}/val-000000.tar",
-                 "--num_reference", "12", "--fid_features", "random", "--no_clip", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--samples",
+                str(samples),
+                "--reference",
+                f"{shapes_dir}/val-000000.tar",
+                "--num_reference",
+                "12",
+                "--fid_features",
+                "random",
+                "--no_clip",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert json.loads(out.read_text())["metrics"]["fid"]["num_reference"] == 12
     assert main(["evaluate", "--samples", str(samples), "--no_clip", "--out", str(out)]) == 0
     metrics = json.loads(out.read_text())["metrics"]
@@ -310,16 +346,21 @@ def test_toy_eval_fid_override_appends(capsys):
 
     from lit_wuerstchen.cli import main
 
-
-    args = ["fit"] + [a for c in ("stage_c.yaml", "toy/stage_c.yaml", "toy/eval_fid.yaml") for a in ("-c", str(REPO / "experiments" / c))]
+    args = ["fit"] + [
+        a
+        for c in ("stage_c.yaml", "toy/stage_c.yaml", "toy/eval_fid.yaml")
+        for a in ("-c", str(REPO / "experiments" / c))
+    ]
     with pytest.raises(SystemExit) as exit_info:
         main([*args, "--print_config"])
     assert exit_info.value.code in (0, None)
     callbacks = yaml.safe_load(capsys.readouterr().out)["trainer"]["callbacks"]
     names = [c["class_path"] for c in callbacks]
-    assert names.count("callbacks.FIDEvaluation") == 1 and names.count("callbacks.CLIPScoreEvaluation") == 1
-    clip = next(c for c in callbacks if c["class_path"] == "callbacks.CLIPScoreEvaluation")["init_args"]
-    fid = next(c for c in callbacks if c["class_path"] == "callbacks.FIDEvaluation")["init_args"]
+    fid_path, clip_path = "lit_wuerstchen.callbacks.FIDEvaluation", "lit_wuerstchen.callbacks.CLIPScoreEvaluation"
+    assert names.count(fid_path) == 1 and names.count(clip_path) == 1
+    assert names.count("lit_wuerstchen.callbacks.ShapesAlignmentEvaluation") == 1
+    clip = next(c for c in callbacks if c["class_path"] == clip_path)["init_args"]
+    fid = next(c for c in callbacks if c["class_path"] == fid_path)["init_args"]
     assert clip["model_name"] == "wuerstchen-tiny-clip" and clip["num_images"] == 128 and fid["num_images"] == 128
     assert fid["features"] == "random"  # runs offline
 
@@ -328,11 +369,19 @@ def test_toy_eval_fid_override_appends(capsys):
 def test_callbacks_under_ddp_uneven_shares(shapes_dir, tmp_path):
     """2 CPU processes (gloo): 15 images split 8 + 7, gathered with padding; rank 0 writes the reference."""
     stats = tmp_path / "ref.npz"
-    fid = FIDEvaluation(every_n_steps=2, num_images=15, reference_stats=str(stats), feature_extractor=RandomConvFeatures())
+    fid = FIDEvaluation(
+        every_n_steps=2, num_images=15, reference_stats=str(stats), feature_extractor=RandomConvFeatures()
+    )
     clip = CLIPScoreEvaluation(every_n_steps=2, num_images=15, scorer=_toy_scorer())
     torch.manual_seed(0)
-    ddp = trainer(devices=2, strategy="ddp_fork", max_steps=2, limit_val_batches=0, default_root_dir=tmp_path,
-                  callbacks=[fid, clip])
+    ddp = trainer(
+        devices=2,
+        strategy="ddp_fork",
+        max_steps=2,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        callbacks=[fid, clip],
+    )
     ddp.fit(tiny_stage_a(), datamodule=datamodule(shapes_dir, batches=2))
     assert ddp.world_size == 2
     assert math.isfinite(float(ddp.callback_metrics["eval/fid"]))

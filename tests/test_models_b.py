@@ -7,9 +7,19 @@ import time
 import pytest
 import torch
 
-from lit_wuerstchen.models.compressor import SemanticCompressor, semantic_latent_size
-from lit_wuerstchen.models.stage_b import StageB, perturb_semantic
+from lit_wuerstchen.checkpoints import build_compressor, load_torchvision_weights
+from lit_wuerstchen.models.compressor import CompressorConfig, SemanticCompressor, semantic_latent_size
+from lit_wuerstchen.models.diffnext import DiffNeXt, DiffNeXtConfig, perturb_semantic
 from lit_wuerstchen.offline import is_offline, torchvision_weights_path
+
+
+def tiny_compressor(compression: float = 42.67, **kwargs) -> SemanticCompressor:
+    return SemanticCompressor(CompressorConfig(**{"backbone": "tiny", "pretrained": False, **kwargs}), compression)
+
+
+def diffnext(**kwargs) -> DiffNeXt:
+    return DiffNeXt(DiffNeXtConfig(**kwargs))
+
 
 TINY_B = dict(widths=(16, 32, 64), blocks=(1, 1, 1), heads=(0, 2, 4), semantic_levels=(1, 2), patch_size=2)
 
@@ -58,7 +68,7 @@ def test_latent_size_rounding_rule(image_size, compression, expected):
     [((64, 64), 16), ((64, 64), 8), ((96, 64), 16), ((50, 70), 10.5), ((32, 32), 32)],
 )
 def test_tiny_compressor_shapes(image_hw, compression):
-    model = SemanticCompressor("tiny", latent_channels=16, compression=compression, tiny_widths=(8, 16))
+    model = tiny_compressor(compression, latent_channels=16, tiny_widths=[8, 16])
     assert model.stride == 4
     images = torch.rand(2, 3, *image_hw)
     out = model(images)
@@ -67,16 +77,16 @@ def test_tiny_compressor_shapes(image_hw, compression):
 
 
 def test_tiny_compressor_default_stride_and_batchnorm():
-    model = SemanticCompressor("tiny", compression=16)
+    model = tiny_compressor(16)
     assert model.stride == 8 and model.feature_channels == 128
     assert model.norm.weight is None  # affine-free by default (Stable Cascade)
-    assert SemanticCompressor("tiny", affine_norm=True).norm.weight is not None
+    assert tiny_compressor(affine_norm=True).norm.weight is not None
     model.eval()
     assert model(torch.rand(1, 3, 64, 64)).shape == (1, 16, 4, 4)
 
 
 def test_efficientnet_compressor_random_init_forward():
-    model = SemanticCompressor("efficientnet_v2_s", pretrained=False, compression=16).eval()
+    model = SemanticCompressor(CompressorConfig("efficientnet_v2_s", pretrained=False), compression=16).eval()
     assert model.stride == 32
     with torch.no_grad():
         out = model(torch.rand(1, 3, 64, 48))  # resized to 128 x 96 -> latent 4 x 3
@@ -85,7 +95,7 @@ def test_efficientnet_compressor_random_init_forward():
 
 def test_paper_scale_compressor_resize_rule():
     with torch.device("meta"):
-        model = SemanticCompressor("efficientnet_v2_s")
+        model = SemanticCompressor(CompressorConfig("efficientnet_v2_s"))
     assert model.latent_size(1024) == (24, 24)
     assert model.input_size(1024) == (768, 768)
     assert 19e6 < _count(model) < 22e6, _count(model)  # EfficientNetV2-S features (~20.2M) + 1x1 conv
@@ -93,11 +103,11 @@ def test_paper_scale_compressor_resize_rule():
 
 def test_compressor_config_errors():
     with pytest.raises(ValueError, match="unknown backbone"):
-        SemanticCompressor("resnet50")
+        CompressorConfig("resnet50")
     with pytest.raises(ValueError, match="compression"):
-        SemanticCompressor("tiny", compression=0)
+        tiny_compressor(compression=0)
     with pytest.raises(ValueError, match="pretrained"):
-        SemanticCompressor("tiny", pretrained=True)
+        CompressorConfig("tiny", pretrained=True)
 
 
 def test_pretrained_offline_missing_file_fails_fast(tmp_path, monkeypatch):
@@ -113,7 +123,7 @@ def test_pretrained_offline_missing_file_fails_fast(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
     start = time.perf_counter()
     with pytest.raises(RuntimeError) as info:
-        SemanticCompressor("efficientnet_v2_s", pretrained=True)
+        build_compressor(CompressorConfig("efficientnet_v2_s", pretrained=True), 42.67)
     assert time.perf_counter() - start < 20
     message = str(info.value)
     assert str(tmp_path) in message and "checkpoints" in message
@@ -139,8 +149,6 @@ def test_weights_path_uses_torch_home(tmp_path, monkeypatch):
 
 
 def test_local_weights_file_is_loaded(tmp_path, monkeypatch):
-    from lit_wuerstchen.offline import load_torchvision_weights
-
     class FakeWeights:
         url = "https://example.invalid/models/tiny-0123abcd.pth"
 
@@ -166,12 +174,12 @@ def _inputs(batch=2, side=16, semantic_hw=(4, 4), text=None):
     return args
 
 
-def _perturb_output_layer(model: StageB) -> None:
+def _perturb_output_layer(model: DiffNeXt) -> None:
     torch.nn.init.normal_(model.out[1].weight, std=0.1)
 
 
 def test_stage_b_shape_and_initial_output():
-    model = StageB(**TINY_B)
+    model = diffnext(**TINY_B)
     x_t, r, semantic = _inputs()
     out = model(x_t, r, semantic)
     assert out.shape == x_t.shape
@@ -180,13 +188,13 @@ def test_stage_b_shape_and_initial_output():
 
 @pytest.mark.parametrize("semantic_hw", [(1, 1), (3, 5), (4, 4), (24, 24)])
 def test_stage_b_any_semantic_size_and_rect_latent(semantic_hw):
-    model = StageB(**TINY_B)
+    model = diffnext(**TINY_B)
     x_t = torch.randn(1, 4, 16, 24)
     assert model(x_t, torch.rand(1), torch.randn(1, 16, *semantic_hw)).shape == x_t.shape
 
 
 def test_semantic_latent_influences_output():
-    model = StageB(**TINY_B).eval()
+    model = diffnext(**TINY_B).eval()
     _perturb_output_layer(model)
     x_t, r, semantic = _inputs()
     with torch.no_grad():
@@ -198,7 +206,7 @@ def test_semantic_latent_influences_output():
 
 
 def test_text_conditioning_path():
-    model = StageB(**TINY_B, text_channels=8).eval()
+    model = diffnext(**TINY_B, text_channels=8).eval()
     _perturb_output_layer(model)
     x_t, r, semantic, text = _inputs(text=8)
     with torch.no_grad():
@@ -208,15 +216,15 @@ def test_text_conditioning_path():
     assert a.shape == x_t.shape and c.shape == x_t.shape
     assert not torch.allclose(a, b, atol=1e-5)
     with pytest.raises(ValueError, match="text_channels=0"):
-        StageB(**TINY_B)(x_t, r, semantic, text)
+        diffnext(**TINY_B)(x_t, r, semantic, text)
     # no attention level: text parameters do not exist and text is ignored
-    no_attn = StageB(widths=(8, 16), blocks=(1, 1), heads=(0, 0), semantic_levels=(1,), text_channels=8)
+    no_attn = diffnext(widths=(8, 16), blocks=(1, 1), heads=(0, 0), semantic_levels=(1,), text_channels=8)
     assert no_attn.text_mapper is None
     assert no_attn(x_t, r, semantic, text).shape == x_t.shape
 
 
 def test_every_parameter_gets_a_gradient():
-    model = StageB(**{**TINY_B, "semantic_levels": (0, 1, 2)}, text_channels=8)
+    model = diffnext(**{**TINY_B, "semantic_levels": (0, 1, 2)}, text_channels=8)
     x_t, r, semantic, text = _inputs(text=8)
     semantic.requires_grad_(True)
     model(x_t, r, semantic, text).square().mean().backward()
@@ -236,7 +244,7 @@ def test_every_parameter_gets_a_gradient():
 
 
 def test_stage_b_one_training_step_reduces_loss():
-    model = StageB(**TINY_B)
+    model = diffnext(**TINY_B)
     x_t, r, semantic = _inputs()
     target = torch.randn_like(x_t)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -257,17 +265,20 @@ def test_stage_b_one_training_step_reduces_loss():
         (dict(widths=(16, 30, 64), blocks=(1, 1, 1), heads=(0, 4, 4)), "not divisible by 4 heads"),
         (dict(widths=(16, 32, 64), blocks=(1, 0, 1), heads=(0, 2, 4)), "at least one block"),
         (dict(widths=(16, 32, 64), blocks=(1, 1, 1), heads=(0, 2, 4), semantic_levels=(3,)), "semantic_levels"),
-        (dict(widths=(16, 32, 64), blocks=(1, 1, 1), heads=(0, 2, 4), semantic_levels=(), kernel_size=2), "kernel_size"),
+        (
+            dict(widths=(16, 32, 64), blocks=(1, 1, 1), heads=(0, 2, 4), semantic_levels=(), kernel_size=2),
+            "kernel_size",
+        ),
         (dict(widths=(16, 32, 64), blocks=(1, 1, 1), heads=(0, -1, 4), semantic_levels=()), "heads must be >= 0"),
     ],
 )
 def test_stage_b_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        StageB(**kwargs)
+        DiffNeXtConfig(**kwargs)
 
 
 def test_stage_b_input_errors():
-    model = StageB(**TINY_B)
+    model = diffnext(**TINY_B)
     assert model.divisor == 8
     with pytest.raises(ValueError, match="not divisible by patch_size"):
         model(torch.randn(1, 4, 12, 16), torch.rand(1), torch.randn(1, 16, 4, 4))
@@ -279,8 +290,8 @@ def test_stage_b_input_errors():
 
 def test_paper_scale_parameter_count_on_meta():
     with torch.device("meta"):
-        model = StageB()
-        with_text = StageB(text_channels=1024)
+        model = diffnext()
+        with_text = diffnext(text_channels=1024)
     assert all(p.is_meta for p in model.parameters())
     assert 0.6e9 <= _count(model) <= 1.1e9, _count(model)
     assert 0.6e9 <= _count(with_text) <= 1.1e9, _count(with_text)

@@ -23,7 +23,7 @@ def _ground_truth(resolution: int, n: int = N, seed: int = 0) -> tuple[torch.Ten
 
 def _corrupt(x: torch.Tensor, sigma: float = 1.0, noise: float = 0.05) -> torch.Tensor:
     r = 3
-    k = torch.exp(-torch.arange(-r, r + 1, dtype=torch.float32) ** 2 / (2 * sigma**2))
+    k = torch.exp(-(torch.arange(-r, r + 1, dtype=torch.float32) ** 2) / (2 * sigma**2))
     k = (k / k.sum()).repeat(3, 1)
     y = F.pad(x, (r, r, r, r), mode="replicate")
     y = F.conv2d(y, k.view(3, 1, 1, -1), groups=3)

@@ -6,16 +6,18 @@ import lightning as L
 import pytest
 import torch
 from conftest import TINY, datamodule, tiny_stage_a, toy_data_args, trainer
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from lit_wuerstchen.checkpoints import load_stage_a
 from lit_wuerstchen.cli import main
+from lit_wuerstchen.losses import PerceptualLoss
 from lit_wuerstchen.models.vqgan import VQGAN, VQGANConfig
-from lit_wuerstchen.stages import load_vqgan
 
 
 def test_paper_scale_vqgan_size():
     with torch.device("meta"):
         model = VQGAN(VQGANConfig())
-    assert 17e6 < sum(p.numel() for p in model.parameters()) < 21e6  # DESIGN.md: ~18-20M
+    assert 17e6 < sum(p.numel() for p in model.parameters()) < 21e6  # docs/design.md "Stage A": ~18-20M
     assert model.config.downsampling == 4
 
 
@@ -93,34 +95,69 @@ def test_perceptual_loss_offline_fails_fast_with_a_clear_message(tmp_path, monke
         tiny_stage_a(perceptual_weight=0.1)
 
 
-def test_load_vqgan_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="Stage A checkpoint not found"):
-        load_vqgan(tmp_path / "missing.ckpt")
-    not_stage_a = tmp_path / "other.ckpt"
-    torch.save({"state_dict": {}}, not_stage_a)
-    with pytest.raises(ValueError, match="not a Stage A checkpoint"):
-        load_vqgan(not_stage_a)
-
-
 def test_cli_fast_dev_run(shapes_dir, in_tmp_cwd):
-    main(["fit", "-c", "experiments/stage_a.yaml", "-c", "experiments/toy/stage_a.yaml",
-          "--trainer.fast_dev_run=2", *toy_data_args(shapes_dir)])
+    main(
+        [
+            "fit",
+            "-c",
+            "experiments/stage_a.yaml",
+            "-c",
+            "experiments/toy/stage_a.yaml",
+            "--trainer.fast_dev_run=2",
+            *toy_data_args(shapes_dir),
+        ]
+    )
 
 
 def test_cli_fit_saves_config_checkpoints_and_images(shapes_dir, in_tmp_cwd):
     override = in_tmp_cwd / "often.yaml"
-    override.write_text(
-        "trainer:\n  callbacks+:\n    - class_path: callbacks.ImageLogger\n      init_args: {every_n_steps: 2}\n"
+    override.write_text("image_logger:\n  every_n_steps: 2\n")  # one value of a named callback group
+    main(
+        [
+            "fit",
+            "-c",
+            "experiments/stage_a.yaml",
+            "-c",
+            "experiments/toy/stage_a.yaml",
+            "-c",
+            str(override),
+            "--trainer.max_steps=4",
+            "--trainer.val_check_interval=4",
+            "--data.init_args.train_batches_per_epoch=4",
+            "--trainer.logger.init_args.version=test",
+            "--model.init_args.vqgan.channels=[16,32]",
+            "--trainer.log_every_n_steps=2",
+            *toy_data_args(shapes_dir),
+        ]
     )
-    main(["fit", "-c", "experiments/stage_a.yaml", "-c", "experiments/toy/stage_a.yaml", "-c", str(override),
-          "--trainer.max_steps=4", "--trainer.val_check_interval=4", "--data.init_args.train_batches_per_epoch=4",
-          "--trainer.logger.init_args.version=test", "--model.init_args.vqgan.channels=[16,32]",
-          *toy_data_args(shapes_dir)])
     run = in_tmp_cwd / "outputs" / "toy_stage_a" / "test"
     assert (run / "config.yaml").is_file()
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert list(run.glob("events.out.tfevents.*"))
     assert (run / "images" / "train_step0000002.png").is_file()
     assert (run / "images" / "val_step0000004.png").is_file()
-    vqgan = load_vqgan(run / "checkpoints" / "last.ckpt")
+    vqgan = load_stage_a(run / "checkpoints" / "last.ckpt")
     assert vqgan.config.channels == [16, 32]
+    # the common callbacks the toy config did not mention are still there: the learning rate is logged
+    events = EventAccumulator(str(next(run.glob("events.out.tfevents.*"))))
+    events.Reload()
+    assert "lr-AdamW" in events.Tags()["scalars"]
+
+
+def test_perceptual_loss_reads_the_cached_backbone_offline(tmp_path, monkeypatch):
+    """LPIPS through torchmetrics' public metric: the backbone file in torch's hub cache is all it needs offline."""
+    torchvision = pytest.importorskip("torchvision")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    weights = torchvision.models.SqueezeNet1_1_Weights.DEFAULT
+    path = tmp_path / "hub" / "checkpoints" / weights.url.rsplit("/", 1)[-1]
+    path.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.squeezenet1_1(weights=None).state_dict(), path)  # random stand-in weights
+    loss = PerceptualLoss("squeeze")
+    images = torch.rand(2, 3, 32, 32)
+    assert loss(images, images).item() == pytest.approx(0.0, abs=1e-6)
+    reconstruction = (images + 0.2 * torch.randn_like(images)).clamp(0, 1).requires_grad_(True)
+    value = loss(reconstruction, images)
+    value.backward()
+    assert value.item() > 0 and reconstruction.grad.abs().sum() > 0
+    assert loss(reconstruction.detach(), images).item() == pytest.approx(value.item(), rel=1e-5)  # no state kept

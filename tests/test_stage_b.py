@@ -2,27 +2,46 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import TINY_COMPRESSOR, TINY_NETWORK, datamodule, tiny_stage_b, toy_data_args, trainer
 
+from lit_wuerstchen.callbacks import EMA
+from lit_wuerstchen.checkpoints import CheckpointError, load_stage_b, read_checkpoint
 from lit_wuerstchen.cli import main
-from lit_wuerstchen.pipeline import sample_stage_b_latents
-from lit_wuerstchen.stages import OptimizerConfig, SamplingConfig, StageB, StageBConfig, load_stage_b
+from lit_wuerstchen.diffusion import SamplingConfig
+from lit_wuerstchen.generation import sample_stage_b
+from lit_wuerstchen.models import DiffNeXtConfig
+from lit_wuerstchen.stages import OptimizerConfig, StageB
 
 
 def test_missing_or_mismatched_stage_a_is_a_clear_error(tmp_path, stage_a_checkpoint):
-    with pytest.raises(FileNotFoundError, match="Stage A checkpoint not found"):
+    with pytest.raises(CheckpointError, match="Stage A checkpoint not found: .*nope.ckpt .Stage B needs"):
         tiny_stage_b(tmp_path / "nope.ckpt")
     with pytest.raises(ValueError, match="latent_channels"):
-        StageB(stage_a_checkpoint=str(stage_a_checkpoint), network=StageBConfig(latent_channels=8, widths=[16],
-               blocks=[1], heads=[0], semantic_levels=[0]), compressor=TINY_COMPRESSOR)
+        StageB(
+            stage_a_checkpoint=str(stage_a_checkpoint),
+            network=DiffNeXtConfig(latent_channels=8, widths=[16], blocks=[1], heads=[0], semantic_levels=[0]),
+            compressor=TINY_COMPRESSOR,
+        )
+    with pytest.raises(ValueError, match="semantic_channels"):
+        StageB(
+            stage_a_checkpoint=str(stage_a_checkpoint),
+            network=TINY_NETWORK,
+            compressor=dataclasses.replace(TINY_COMPRESSOR, latent_channels=8),
+        )
 
 
 @pytest.mark.parametrize("compression, side", [(4, 8), (8, 4), (16, 2), (10.67, 3), (64, 1)])
 def test_compression_ratio_sets_the_semantic_latent_shape(stage_a_checkpoint, compression, side):
-    model = StageB(stage_a_checkpoint=str(stage_a_checkpoint), compression=compression, network=TINY_NETWORK,
-                   compressor=TINY_COMPRESSOR).eval()
+    model = StageB(
+        stage_a_checkpoint=str(stage_a_checkpoint),
+        compression=compression,
+        network=TINY_NETWORK,
+        compressor=TINY_COMPRESSOR,
+    ).eval()
     # documented rule: latent side = max(1, round-half-up(image side / compression))
     assert model.compressor(torch.rand(2, 3, 32, 32)).shape == (2, 16, side, side)
 
@@ -36,7 +55,12 @@ def test_frozen_stage_a_is_bit_identical_after_training(shapes_dir, stage_a_chec
         assert torch.equal(value, frozen_before[key]), key
     assert not model.stage_a.training
     assert any(not torch.equal(v, trained_before[k]) for k, v in model.decoder.state_dict().items())
-    assert all(p.grad is None for p in model.stage_a.parameters())
+    assert all(p.grad is None and not p.requires_grad for p in model.stage_a.parameters())
+    # out of the optimiser (and of the module tree), but in the checkpoint: later stages need only Stage B's file
+    optimized = {id(p) for group in model.optimizers().optimizer.param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in model.parameters()}
+    assert not optimized & {id(p) for p in model.stage_a.parameters()}
+    assert {k.removeprefix("stage_a.") for k in model.state_dict() if k.startswith("stage_a.")} == set(frozen_before)
 
 
 def test_validation_decodes_images_and_logs_psnr(shapes_dir, stage_a_checkpoint):
@@ -46,30 +70,42 @@ def test_validation_decodes_images_and_logs_psnr(shapes_dir, stage_a_checkpoint)
     images = torch.rand(2, 3, 32, 32)
     assert model.reconstruct(images).shape == images.shape
     with pytest.raises(ValueError, match="multiples of 16"):
-        sample_stage_b_latents(model.decoder, model.stage_a, torch.zeros(1, 16, 4, 4), (24, 32),
-                               model.sampling_config, model.diffusion_config)
+        sample_stage_b(
+            model.decoder, model.stage_a, torch.zeros(1, 16, 4, 4), (24, 32), model.diffusion, model.sampling_config
+        )
 
 
 def test_overfits_a_handful_of_images_far_better_than_a_constant(shapes_dir, stage_a_checkpoint):
     """Trained on 4 fixed images, sampling from their semantic latents lands near their Stage A latents."""
     torch.manual_seed(0)
-    model = tiny_stage_b(stage_a_checkpoint, semantic_drop_prob=0.0, semantic_noise_prob=0.0,
-                         optimizer=OptimizerConfig(lr=3e-3, warmup_steps=0))
+    model = tiny_stage_b(
+        stage_a_checkpoint,
+        semantic_drop_prob=0.0,
+        semantic_noise_prob=0.0,
+        optimizer=OptimizerConfig(lr=3e-3, warmup_steps=0),
+    )
     dm = datamodule(shapes_dir)
     dm.setup("fit")
     images = next(iter(dm.val_dataloader()))["image"][:4]
-    optimizer = torch.optim.AdamW(model.ema_network().parameters(), lr=3e-3)
+    optimizer = torch.optim.AdamW(model.trained_parameters(), lr=3e-3)
     model.train()
     for _ in range(300):
-        loss = model.diffusion_loss(images, perturb=False)
+        loss = model.diffusion_loss({"image": images}, train=False)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     model.eval()
     target = model.encode_stage_a(images)
-    sampled = sample_stage_b_latents(model.decoder, model.stage_a, model.compressor(images), (32, 32),
-                                     SamplingConfig(sampler="ddim", steps=20), model.diffusion_config,
-                                     generator=torch.Generator().manual_seed(0))
+    sampled = sample_stage_b(
+        model.decoder,
+        model.stage_a,
+        model.compressor(images),
+        (32, 32),
+        model.diffusion,
+        SamplingConfig(sampler="ddim", steps=20),
+        generator=torch.Generator().manual_seed(0),
+        decode=False,
+    )
     error = torch.mean((sampled - target) ** 2)
     constant_baseline = torch.mean((target - target.mean(dim=0, keepdim=True)) ** 2)
     assert error < 0.25 * constant_baseline, (error.item(), constant_baseline.item())
@@ -77,20 +113,34 @@ def test_overfits_a_handful_of_images_far_better_than_a_constant(shapes_dir, sta
 
 def test_checkpoint_loads_for_downstream_stages(shapes_dir, stage_a_checkpoint, tmp_path):
     model = tiny_stage_b(stage_a_checkpoint)
-    fit = trainer(max_steps=2, limit_val_batches=0, callbacks=[__import__("callbacks").EMA(decay=0.5)])
+    ema = EMA(decay=0.5)
+    fit = trainer(max_steps=2, limit_val_batches=0, callbacks=[ema])
     fit.fit(model, datamodule=datamodule(shapes_dir, batches=2))
     fit.save_checkpoint(tmp_path / "b.ckpt")
-    decoder, compressor, stage_a, hparams = load_stage_b(tmp_path / "b.ckpt")
-    assert hparams["compression"] == 8
+    parts = load_stage_b(tmp_path / "b.ckpt")
+    assert parts.compression == 8 and parts.decoder.config == TINY_NETWORK
     for key, value in model.stage_a.state_dict().items():
-        assert torch.equal(stage_a.state_dict()[key], value)
+        assert torch.equal(parts.stage_a.state_dict()[key], value)
+    for key, value in parts.decoder.state_dict().items():  # the EMA weights
+        assert torch.equal(value, ema.averages[f"decoder.{key}"])
     images = torch.rand(1, 3, 32, 32)
-    assert compressor(images).shape == (1, 16, 4, 4)
-    with pytest.raises(FileNotFoundError):
+    assert parts.compressor(images).shape == (1, 16, 4, 4)
+    assert read_checkpoint(tmp_path / "b.ckpt")["lit_wuerstchen"]["stage"] == "B"
+    with pytest.raises(CheckpointError, match="not found"):
         load_stage_b(tmp_path / "missing.ckpt")
 
 
 def test_cli_fast_dev_run(shapes_dir, stage_a_checkpoint, in_tmp_cwd):
-    main(["fit", "-c", "experiments/stage_b.yaml", "-c", "experiments/toy/stage_b.yaml", "--trainer.fast_dev_run=1",
-          f"--model.init_args.stage_a_checkpoint={stage_a_checkpoint}", "--model.init_args.network.widths=[16,32,64]",
-          *toy_data_args(shapes_dir)])
+    main(
+        [
+            "fit",
+            "-c",
+            "experiments/stage_b.yaml",
+            "-c",
+            "experiments/toy/stage_b.yaml",
+            "--trainer.fast_dev_run=1",
+            f"--model.init_args.stage_a_checkpoint={stage_a_checkpoint}",
+            "--model.init_args.network.widths=[16,32,64]",
+            *toy_data_args(shapes_dir),
+        ]
+    )

@@ -21,16 +21,30 @@ def write_grid(tmp_path: Path, second_axis: bool = False, **overrides) -> Path:
         "name": "test",
         "save_dir": str(tmp_path / "outputs"),
         "stages": ["b", "c"],
-        "base": {"b": ["experiments/stage_b.yaml", "experiments/toy/stage_b.yaml"],
-                 "c": ["experiments/stage_c.yaml", "experiments/toy/stage_c.yaml"]},
+        "base": {
+            "b": ["experiments/stage_b.yaml", "experiments/toy/stage_b.yaml"],
+            "c": ["experiments/stage_c.yaml", "experiments/toy/stage_c.yaml"],
+        },
         "logger": {"b": "abl_b", "c": "abl_c"},
-        "axes": [{"name": "ratio", "prefix": "f", "values": [8, 16, 42.67],
-                  "stages": {"b": {"key": "model.init_args.compression"}}}],
+        "axes": [
+            {
+                "name": "ratio",
+                "prefix": "f",
+                "values": [8, 16, 42.67],
+                "stages": {"b": {"key": "model.init_args.compression"}},
+            }
+        ],
         "extra_args": {"b": ["--trainer.max_steps=10"], "c": []},
     }
     if second_axis:
-        grid["axes"].append({"name": "width", "prefix": "w", "values": [64, 128],
-                             "stages": {"c": {"key": "model.init_args.network.width"}}})
+        grid["axes"].append(
+            {
+                "name": "width",
+                "prefix": "w",
+                "values": [64, 128],
+                "stages": {"c": {"key": "model.init_args.network.width"}},
+            }
+        )
     grid.update(overrides)
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(grid))
@@ -46,8 +60,16 @@ def test_expansion_names_and_shared_stage_b(tmp_path):
     assert points[0].runs[0] is points[1].runs[0]
     runs = sweep.ordered_runs(points)
     assert [(r.stage, r.name) for r in runs] == [
-        ("b", "f8"), ("c", "f8_w64"), ("c", "f8_w128"), ("b", "f16"), ("c", "f16_w64"), ("c", "f16_w128"),
-        ("b", "f42p67"), ("c", "f42p67_w64"), ("c", "f42p67_w128")]
+        ("b", "f8"),
+        ("c", "f8_w64"),
+        ("c", "f8_w128"),
+        ("b", "f16"),
+        ("c", "f16_w64"),
+        ("c", "f16_w128"),
+        ("b", "f42p67"),
+        ("c", "f42p67_w64"),
+        ("c", "f42p67_w128"),
+    ]
     assert "--model.init_args.network.width=128" in runs[2].args
     assert "--model.init_args.compression=42.67" in runs[6].args
     assert [p.name for p in sweep.select(points, "f16")] == ["f16_w64", "f16_w128"]
@@ -61,7 +83,10 @@ def _last_config(run) -> str:
 
 
 def test_repository_grids_expand_to_existing_configs(in_tmp_cwd):
-    for name, points in (("grid_toy.yaml", ["f8", "f16", "f32"]), ("grid.yaml", ["f16", "f24", "f32", "f42p67", "f64"])):
+    for name, points in (
+        ("grid_toy.yaml", ["f8", "f16", "f32"]),
+        ("grid.yaml", ["f16", "f24", "f32", "f42p67", "f64"]),
+    ):
         grid = sweep.load_grid(REPO / "experiments/ablations/compression" / name)
         expanded = sweep.expand(grid)
         assert [p.name for p in expanded] == points
@@ -100,7 +125,8 @@ def test_dry_run_commands_resume_and_skip(in_tmp_cwd, capsys):
     commands = [line for line in text.splitlines() if "lit_wuerstchen fit" in line]
     assert commands[0].startswith("# python") and "finished, skipped" in text  # Stage B skipped
     assert commands[1].startswith("python") and commands[1].endswith(
-        f"--ckpt_path {out}/abl_c/f8/checkpoints/last.ckpt")
+        f"--ckpt_path {out}/abl_c/f8/checkpoints/last.ckpt"
+    )
 
 
 def test_local_run_order_markers_and_failure(tmp_path, monkeypatch, capsys):
@@ -118,13 +144,15 @@ def test_local_run_order_markers_and_failure(tmp_path, monkeypatch, capsys):
         ckpt.write_bytes(b"x")
         return type("Done", (), {"returncode": code})()
 
-    monkeypatch.setattr(sweep.subprocess, "run", fake_run)
+    monkeypatch.setattr(sweep.runner.subprocess, "run", fake_run)
     with pytest.raises(sweep.SweepError, match=r"Stage C f16 .* failed with exit code 3"):
         sweep.execute_runs(runs)
     assert len(calls) == 4 and calls[0][0] == sys.executable
     assert [r.state() for r in runs] == ["done", "done", "done", "resume"]
     calls.clear()
-    monkeypatch.setattr(sweep.subprocess, "run", lambda cmd: (calls.append(cmd), type("D", (), {"returncode": 0})())[1])
+    monkeypatch.setattr(
+        sweep.runner.subprocess, "run", lambda cmd: (calls.append(cmd), type("D", (), {"returncode": 0})())[1]
+    )
     sweep.execute_runs(runs)  # rerun: three skipped, the failed one resumed
     assert len(calls) == 1 and calls[0][-2:] == ["--ckpt_path", str(runs[3].checkpoint)]
     assert runs[3].state() == "done"
@@ -133,20 +161,26 @@ def test_local_run_order_markers_and_failure(tmp_path, monkeypatch, capsys):
 def test_stage_c_needs_stage_b_checkpoint(tmp_path, monkeypatch):
     grid = sweep.load_grid(write_grid(tmp_path))
     runs = sweep.ordered_runs(sweep.expand(grid))[:2]
-    monkeypatch.setattr(sweep.subprocess, "run", lambda cmd: type("D", (), {"returncode": 0})())
+    monkeypatch.setattr(sweep.runner.subprocess, "run", lambda cmd: type("D", (), {"returncode": 0})())
     with pytest.raises(sweep.SweepError, match="did not write"):
         sweep.execute_runs(runs)
 
 
-@pytest.mark.parametrize("content, message", [
-    ("- just\n- a list\n", "must be a YAML mapping"),
-    ("base: {b: [x.yaml]}\nstages: [b]\n", "'axes' must be a non-empty list"),
-    ("base: {b: [x.yaml]}\nstages: [b]\naxes: [{name: ratio, values: []}]\n", "non-empty list 'values'"),
-    ("base: {b: [x.yaml]}\nstages: [c]\naxes: []\n", "c without b"),
-    ("base: {b: [x.yaml]}\nstages: [b]\nbogus: 1\naxes: []\n", r"unknown key\(s\) \['bogus'\]"),
-    ("base: {b: [x.yaml]}\nstages: [b]\naxes: [{name: r, values: [1], stages: {c: {key: k}}}]\n", "not in 'stages'"),
-    ("base: [unclosed\n", "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("- just\n- a list\n", "must be a YAML mapping"),
+        ("base: {b: [x.yaml]}\nstages: [b]\n", "'axes' must be a non-empty list"),
+        ("base: {b: [x.yaml]}\nstages: [b]\naxes: [{name: ratio, values: []}]\n", "non-empty list 'values'"),
+        ("base: {b: [x.yaml]}\nstages: [c]\naxes: []\n", "c without b"),
+        ("base: {b: [x.yaml]}\nstages: [b]\nbogus: 1\naxes: []\n", r"unknown key\(s\) \['bogus'\]"),
+        (
+            "base: {b: [x.yaml]}\nstages: [b]\naxes: [{name: r, values: [1], stages: {c: {key: k}}}]\n",
+            "not in 'stages'",
+        ),
+        ("base: [unclosed\n", "not valid YAML"),
+    ],
+)
 def test_bad_grid_is_a_clear_error(tmp_path, capsys, content, message):
     path = tmp_path / "bad.yaml"
     path.write_text(content)
@@ -179,22 +213,47 @@ def _fake_run(folder: Path, config: dict, state_dict: dict, scalars: dict, wall0
 def test_report_on_synthetic_runs(tmp_path, capsys):
     grid_path = write_grid(tmp_path)
     out_root = tmp_path / "outputs"
-    b_state = {"stage_a.w": torch.zeros(1000), "decoder.w": torch.zeros(300), "compressor.w": torch.zeros(50),
-               "compressor.bn.running_mean": torch.zeros(7), "compressor.bn.num_batches_tracked": torch.tensor(0)}
+    b_state = {
+        "stage_a.w": torch.zeros(1000),
+        "decoder.w": torch.zeros(300),
+        "compressor.w": torch.zeros(50),
+        "compressor.bn.running_mean": torch.zeros(7),
+        "compressor.bn.num_batches_tracked": torch.tensor(0),
+    }
     c_state = {"prior.w": torch.zeros(2000), "latent_mean": torch.zeros(16)}
     train = [(s, 1.0 / (s + 1)) for s in range(0, 101, 10)]
     # f8: complete (B with rFID and peak memory; C with alignment, CLIP score, no FID)
-    _fake_run(out_root / "abl_b/f8", {"model": {"init_args": {"compression": 8.0}}, "data": {"init_args": {"resolution": 64}}},
-              b_state, {"train/loss": train, "val/psnr": [(50, 20.0), (100, 25.5)], "val/ssim": [(100, 0.75)],
-                        "val/psnr_stage_a": [(100, 30.0)], "eval/fid": [(100, 12.5)], "perf/peak_memory_gb": [(10, 1.5), (20, 2.25)]},
-              seconds_per_step=0.5)
+    _fake_run(
+        out_root / "abl_b/f8",
+        {"model": {"init_args": {"compression": 8.0}}, "data": {"init_args": {"resolution": 64}}},
+        b_state,
+        {
+            "train/loss": train,
+            "val/psnr": [(50, 20.0), (100, 25.5)],
+            "val/ssim": [(100, 0.75)],
+            "val/psnr_stage_a": [(100, 30.0)],
+            "eval/fid": [(100, 12.5)],
+            "perf/peak_memory_gb": [(10, 1.5), (20, 2.25)],
+        },
+        seconds_per_step=0.5,
+    )
     align = {f"val/align_{a}": [(100, 0.5 + i / 10)] for i, a in enumerate(sweep.ALIGN)}
-    _fake_run(out_root / "abl_c/f8", {"data": {"init_args": {"resolution": 64}}}, c_state,
-              {"train/loss": train, "eval/clip_score": [(100, 0.3125)], **align}, seconds_per_step=0.25)
+    _fake_run(
+        out_root / "abl_c/f8",
+        {"data": {"init_args": {"resolution": 64}}},
+        c_state,
+        {"train/loss": train, "eval/clip_score": [(100, 0.3125)], **align},
+        seconds_per_step=0.25,
+    )
     # f16: Stage B only, no SSIM logged, resumed once (two event files; the pause between them is not counted)
     b16 = out_root / "abl_b/f16"
-    _fake_run(b16, {"model": {"init_args": {"compression": 16.0}}, "data": {"init_args": {"resolution": 64}}},
-              b_state, {"train/loss": train[:6], "val/psnr": [(50, 22.0)]}, seconds_per_step=1.0)
+    _fake_run(
+        b16,
+        {"model": {"init_args": {"compression": 16.0}}, "data": {"init_args": {"resolution": 64}}},
+        b_state,
+        {"train/loss": train[:6], "val/psnr": [(50, 22.0)]},
+        seconds_per_step=1.0,
+    )
     _events(b16, {"train/loss": train[5:]}, wall0=100000.0, seconds_per_step=1.0)
     # f42p67: nothing ran
 
@@ -228,8 +287,11 @@ def test_report_on_synthetic_runs(tmp_path, capsys):
 
 
 def test_slurm_launcher(tmp_path, monkeypatch, capsys):
-    grid = sweep.load_grid(write_grid(tmp_path, second_axis=True, slurm={"nodes": 2, "tasks_per_node": 4,
-                                                                          "folder": str(tmp_path / "logs")}))
+    grid = sweep.load_grid(
+        write_grid(
+            tmp_path, second_axis=True, slurm={"nodes": 2, "tasks_per_node": 4, "folder": str(tmp_path / "logs")}
+        )
+    )
     points = sweep.expand(grid)
     monkeypatch.setitem(sys.modules, "submitit", None)  # not installed
     with pytest.raises(sweep.SweepError, match="needs submitit"):
@@ -253,6 +315,7 @@ def test_slurm_launcher(tmp_path, monkeypatch, capsys):
     sweep.submit_slurm(grid, points)
     # one job per Stage B run, which then trains the Stage C runs depending on it, in order
     assert [[(r.stage, r.name) for r in runs] for _, runs in submitted] == [
-        [("b", f), ("c", f"{f}_w64"), ("c", f"{f}_w128")] for f in ("f8", "f16", "f42p67")]
+        [("b", f), ("c", f"{f}_w64"), ("c", f"{f}_w128")] for f in ("f8", "f16", "f42p67")
+    ]
     assert submitted[0][0]["nodes"] == 2 and "folder" not in submitted[0][0]
     assert submitted[0][1][0].args[-2:] == ["--trainer.num_nodes=2", "--trainer.devices=4"]

@@ -1,4 +1,4 @@
-"""TextEncoder (tiny random open_clip text tower, offline weight resolution) and the Stage C prior."""
+"""TextEncoder (tiny random open_clip text tower, offline weight resolution and loading) and the Stage C prior."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import time
 import pytest
 import torch
 
-from lit_wuerstchen.models.stage_c import StageC
-from lit_wuerstchen.text_encoder import TINY_MODEL_NAME, TextEncoder
+from lit_wuerstchen.checkpoints import load_text_encoder
+from lit_wuerstchen.models.prior import Prior, PriorConfig
+from lit_wuerstchen.models.text_encoder import TINY_MODEL_NAME, TextEncoder, TextEncoderConfig
 
 PROMPTS = ["a red square on a blue background", "a small green circle"]
 # Tag names are assembled here, never written as a literal pretrained='...' argument (repo check).
@@ -18,7 +19,7 @@ H14_TAG = "_".join(["laion2b", "s32b", "b79k"])
 @pytest.fixture(scope="module")
 def tiny() -> TextEncoder:
     torch.manual_seed(0)
-    return TextEncoder(TINY_MODEL_NAME, pretrained=None)
+    return TextEncoder(TextEncoderConfig(TINY_MODEL_NAME, pretrained=None))
 
 
 # --------------------------------------------------------------------------------------------- TextEncoder
@@ -40,7 +41,7 @@ def test_tiny_shapes_and_properties(tiny):
 
 
 def test_final_layer_norm_switch(tiny):
-    pre_ln = TextEncoder(TINY_MODEL_NAME, pretrained=None, final_layer_norm=False)
+    pre_ln = TextEncoder(TextEncoderConfig(TINY_MODEL_NAME, pretrained=None, final_layer_norm=False))
     pre_ln.load_state_dict(tiny.state_dict())
     hidden, pooled = tiny(PROMPTS)
     hidden_raw, pooled_raw = pre_ln(PROMPTS)
@@ -80,7 +81,7 @@ def test_deterministic_frozen_and_prompt_sensitive(tiny):
 def test_offline_pretrained_tag_fails_fast(empty_hf_cache):
     start = time.perf_counter()
     with pytest.raises(RuntimeError) as info:
-        TextEncoder("ViT-H-14", pretrained=H14_TAG)
+        load_text_encoder(TextEncoderConfig("ViT-H-14", pretrained=H14_TAG))
     assert time.perf_counter() - start < 2.0
     message = str(info.value)
     assert "ViT-H-14" in message and H14_TAG in message
@@ -104,26 +105,28 @@ def test_online_download_failure_is_wrapped(empty_hf_cache, monkeypatch):
 
     monkeypatch.setattr(open_clip, "download_pretrained", failing_download)
     with pytest.raises(RuntimeError, match="download failed") as info:
-        TextEncoder("ViT-H-14", pretrained=H14_TAG)
+        load_text_encoder(TextEncoderConfig("ViT-H-14", pretrained=H14_TAG))
     assert len(calls) == 1  # one attempt, no retry loop
     assert "network is unreachable" in str(info.value) and "weights_file" in str(info.value)
 
 
 def test_unknown_tag_is_a_value_error(empty_hf_cache):
     with pytest.raises(ValueError, match="Known tags"):
-        TextEncoder(TINY_MODEL_NAME, pretrained="no_such_tag")
+        load_text_encoder(TextEncoderConfig(TINY_MODEL_NAME, pretrained="no_such_tag"))
 
 
 def test_missing_weights_file(tmp_path):
     with pytest.raises(FileNotFoundError):
-        TextEncoder(TINY_MODEL_NAME, pretrained=None, weights_file=str(tmp_path / "missing.pt"))
+        load_text_encoder(
+            TextEncoderConfig(TINY_MODEL_NAME, pretrained=None, weights_file=str(tmp_path / "missing.pt"))
+        )
 
 
 def test_weights_file_round_trip(tiny, tmp_path):
     path = tmp_path / "tiny_text.pt"
     torch.save(tiny.state_dict(), path)
     torch.manual_seed(123)  # a different random init, overwritten by the file
-    loaded = TextEncoder(TINY_MODEL_NAME, pretrained=None, weights_file=str(path))
+    loaded = load_text_encoder(TextEncoderConfig(TINY_MODEL_NAME, pretrained=None, weights_file=str(path)))
     for x, y in zip(tiny(PROMPTS), loaded(PROMPTS)):
         torch.testing.assert_close(x, y)
 
@@ -141,11 +144,11 @@ def test_cached_tag_loads_offline_from_hf_cache(tiny, empty_hf_cache, monkeypatc
     (repo_dir / "refs" / "main").write_text(revision)
     snapshot = repo_dir / "snapshots" / revision
     snapshot.mkdir(parents=True)
-    state = {k[len("text."):]: v.contiguous() for k, v in tiny.state_dict().items()}  # CLIP layout
+    state = {k[len("text.") :]: v.contiguous() for k, v in tiny.state_dict().items()}  # CLIP layout
     state["visual.proj"] = torch.zeros(4, 4)
     state["logit_scale"] = torch.ones(())
     save_file(state, str(snapshot / "open_clip_model.safetensors"))
-    loaded = TextEncoder(TINY_MODEL_NAME, pretrained="fake_tag")
+    loaded = load_text_encoder(TextEncoderConfig(TINY_MODEL_NAME, pretrained="fake_tag"))
     for x, y in zip(tiny(PROMPTS), loaded(PROMPTS)):
         torch.testing.assert_close(x, y)
 
@@ -161,12 +164,13 @@ def test_tokenizers_work_offline(empty_hf_cache):
 # --------------------------------------------------------------------------------------------- Stage C
 
 
-def tiny_stage_c(**kwargs) -> StageC:
+def tiny_stage_c(**kwargs) -> Prior:
     torch.manual_seed(0)
-    return StageC(**{"latent_channels": 16, "width": 32, "depth": 2, "heads": 2, "text_channels": 64, "dropout": 0.0, **kwargs})
+    sizes = {"latent_channels": 16, "width": 32, "depth": 2, "heads": 2, "text_channels": 64, "dropout": 0.0}
+    return Prior(PriorConfig(**{**sizes, **kwargs}))
 
 
-def _perturb_out(model: StageC) -> None:
+def _perturb_out(model: Prior) -> None:
     with torch.no_grad():
         model.out[1].weight.normal_(std=0.05)
         model.out[1].bias.normal_(std=0.05)
@@ -207,7 +211,7 @@ def test_stage_c_gradient_reaches_every_parameter():
 
 def test_stage_c_validates_config():
     with pytest.raises(ValueError, match="divisible"):
-        StageC(width=30, depth=1, heads=4, text_channels=8)
+        PriorConfig(width=30, depth=1, heads=4, text_channels=8)
     with pytest.raises(ValueError, match="text"):
         tiny_stage_c()(torch.randn(1, 16, 2, 2), torch.rand(1), torch.randn(1, 77, 65))
 
@@ -221,6 +225,6 @@ def test_stage_c_validates_config():
 )
 def test_stage_c_param_counts(config, expected):
     with torch.device("meta"):
-        model = StageC(**config)
+        model = Prior(PriorConfig(**config))
     count = sum(p.numel() for p in model.parameters())
     assert count == expected

@@ -7,6 +7,9 @@ import logging
 import sys
 from typing import Any
 
+from .folder import REPORT_NAME, convert_folder
+from .shapes import MIN_RESOLUTION, generate_shapes_dataset
+
 
 def _positive(text: str) -> int:
     value = int(text)
@@ -63,8 +66,6 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def _run_shapes(args: argparse.Namespace) -> int:
-    from .shapes import MIN_RESOLUTION, generate_shapes_dataset
-
     if args.resolution < MIN_RESOLUTION:
         print(f"error: --resolution must be >= {MIN_RESOLUTION}", file=sys.stderr)
         return 2
@@ -84,8 +85,6 @@ def _run_shapes(args: argparse.Namespace) -> int:
 
 
 def _run_folder(args: argparse.Namespace) -> int:
-    from .folder import REPORT_NAME, convert_folder
-
     try:
         report = convert_folder(args.src, args.out, args.samples_per_shard, args.prefix, not args.no_progress)
     except FileNotFoundError as e:
@@ -94,8 +93,10 @@ def _run_folder(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"found {report['num_images_found']} images in {args.src}: wrote {report['num_written']}, "
-          f"skipped {report['num_unreadable']} unreadable and {report['num_missing_caption']} without caption")  # fmt: skip
+    print(
+        f"found {report['num_images_found']} images in {args.src}: wrote {report['num_written']}, "
+        f"skipped {report['num_unreadable']} unreadable and {report['num_missing_caption']} without caption"
+    )
     if report["shards"]:
         print(f"  {len(report['shards'])} shard(s) in {args.out}   {args.prefix}_shards: {report['pattern']}")
     print(f"  report: {args.out}/{REPORT_NAME}")

@@ -614,7 +614,11 @@ class ShardDataModule(L.LightningDataModule):
             log.info("no val_shards: validation disabled")
             return []
         rank, world = _dist_info()
-        return self._loader(ShardValDataset(urls, self._decoder(self.val_resolution), self.val_batch_size or self.batch_size, rank, world))
+        return self._loader(
+            ShardValDataset(
+                urls, self._decoder(self.val_resolution), self.val_batch_size or self.batch_size, rank, world
+            )
+        )
 
     def test_dataloader(self) -> DataLoader | list:
         return self.val_dataloader()

@@ -46,8 +46,13 @@ class PromptBatches(Dataset):
     def __getitem__(self, batch_index: int) -> dict:
         start = batch_index * self.batch_size
         indices = list(range(start, min(start + self.batch_size, len(self.prompts))))
-        return {"prompt": [self.prompts[i] for i in indices], "index": indices, "seed": self.seed + batch_index,
-                "height": self.height, "width": self.width}
+        return {
+            "prompt": [self.prompts[i] for i in indices],
+            "index": indices,
+            "seed": self.seed + batch_index,
+            "height": self.height,
+            "width": self.width,
+        }
 
 
 class PromptDataModule(L.LightningDataModule):

@@ -168,7 +168,7 @@ class ShardWriter:
         for ext in sorted(fields):
             if not ext or "/" in ext:
                 raise ValueError(f"sample {key!r}: bad extension {ext!r}")
-            members.append((f"{key}.{ext}".encode("utf-8"), _to_bytes(ext, fields[ext])))
+            members.append((f"{key}.{ext}".encode(), _to_bytes(ext, fields[ext])))
         if self._file is None or self._count >= self.max_samples_per_shard:
             self._finish_current()
             self._open_next()

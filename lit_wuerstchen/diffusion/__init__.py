@@ -1,9 +1,11 @@
-"""Diffusion core: cosine schedule, training pieces (t samplers, targets, loss weights) and samplers."""
+"""Diffusion core (docs/design.md "Diffusion"): the :class:`Diffusion` object over a cosine schedule, training pieces
+(t samplers, targets, loss weights) and samplers."""
 
-from .config import DiffusionConfig, SamplingConfig
+from .core import Diffusion, DiffusionConfig, SamplingConfig, decoder_sampling, prior_sampling
 from .sampling import (
     SAMPLERS,
     ModelFn,
+    ProgressFn,
     cfg,
     cfg_batched,
     ddim_sample,
@@ -40,7 +42,10 @@ from .training import (
 )
 
 __all__ = [
+    "Diffusion",
     "DiffusionConfig",
+    "decoder_sampling",
+    "prior_sampling",
     "SamplingConfig",
     "CosineSchedule",
     "expand_like",
@@ -66,6 +71,7 @@ __all__ = [
     "make_loss_weight",
     "diffusion_loss",
     "ModelFn",
+    "ProgressFn",
     "stage_c_default_t_list",
     "linear_t_list",
     "cfg",

@@ -1,5 +1,14 @@
 """Samplers (DDPM ancestral, DDIM eta=0) over an explicit descending list of t values, plus CFG.
 
+Every sampler has the same signature::
+
+    sampler(model_fn, noise, t_list, schedule, *, target, guidance_scale, uncond_fn, generator, progress,
+            dtype, clamp_x0) -> x_0
+
+``noise`` is the start sample at ``t_list[0]`` (pure noise for a list starting at 1, or a partly noised sample for
+a shorter list); ``generator`` draws the per-step noise of DDPM. :meth:`lit_wuerstchen.diffusion.Diffusion.sample`
+picks the sampler and t list from a :class:`SamplingConfig`.
+
 Model-function contract
 -----------------------
 A *model_fn* is ``model_fn(x_t, t) -> prediction`` with ``x_t`` of shape [B, ...] (in the sampler's
@@ -29,27 +38,13 @@ and each step moves x from ``t_i`` to ``t_{i+1}``, so a list of N+1 values means
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from .schedule import CosineSchedule, expand_like
 from .training import Target, make_target
-
-__all__ = [
-    "ModelFn",
-    "stage_c_default_t_list",
-    "linear_t_list",
-    "cfg",
-    "cfg_batched",
-    "ddpm_step",
-    "ddim_step",
-    "ddpm_sample",
-    "ddim_sample",
-    "SAMPLERS",
-    "make_sampler",
-]
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
 ProgressFn = Callable[[int, int], None]
@@ -179,99 +174,70 @@ def ddim_step(x_t: Tensor, x0_hat: Tensor, eps_hat: Tensor, t_next: Tensor, sche
 # --------------------------------------------------------------------------------------------------
 # Sampling loops
 # --------------------------------------------------------------------------------------------------
-def _sample(
-    kind: str,
-    model_fn: ModelFn,
-    shape: Sequence[int],
-    t_list: Sequence[float] | Tensor,
-    schedule: CosineSchedule,
-    generator: torch.Generator | None,
-    device: torch.device | str | None,
-    dtype: torch.dtype,
-    guidance_scale: float,
-    uncond_fn: ModelFn | None,
-    progress: ProgressFn | None,
-    x_init: Tensor | None,
-    target: str | Target,
-    clamp_x0: float | None,
-) -> Tensor:
-    ts = _check_t_list(t_list)
-    tgt = make_target(target)
-    fn = cfg(model_fn, uncond_fn, guidance_scale)
-    if device is None:
-        device = x_init.device if x_init is not None else (generator.device if generator is not None else "cpu")
-    device = torch.device(device)
-    shape = tuple(shape) if x_init is None else tuple(x_init.shape)
-    if x_init is None:
-        x = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
-    else:
-        x = x_init.to(device=device, dtype=torch.float32)
-    b = shape[0]
-    total = len(ts) - 1
-    with torch.no_grad():
-        for i in range(total):
-            t = torch.full((b,), ts[i], device=device, dtype=torch.float32)
-            t_next = torch.full((b,), ts[i + 1], device=device, dtype=torch.float32)
-            x0_hat, eps_hat = _predict(fn, x, t, schedule, tgt, dtype, clamp_x0)
-            if kind == "ddpm":
-                noise = None
-                if ts[i + 1] > 0.0:
-                    noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
-                x = ddpm_step(x, x0_hat, t, t_next, schedule, noise)
-            else:
-                x = ddim_step(x, x0_hat, eps_hat, t_next, schedule)
-            if progress is not None:
-                progress(i, total)
-    return x.to(dtype)
+class Sampler:
+    """A sampling loop over a descending t list with one update rule. Every sampler is one of these, so all share
+    the call signature ``sampler(model_fn, noise, t_list, schedule, *, target, guidance_scale, uncond_fn,
+    generator, progress, dtype, clamp_x0)``; ``noise`` is the start sample at ``t_list[0]``."""
+
+    def __init__(self, name: str, update: Callable[..., Tensor], description: str):
+        self.name, self.update = name, update
+        self.__doc__ = description
+
+    def __repr__(self) -> str:
+        return f"Sampler({self.name!r})"
+
+    def __call__(
+        self,
+        model_fn: ModelFn,
+        noise: Tensor,
+        t_list: Sequence[float] | Tensor,
+        schedule: CosineSchedule,
+        *,
+        target: str | Target = "eps",
+        guidance_scale: float = 1.0,
+        uncond_fn: ModelFn | None = None,
+        generator: torch.Generator | None = None,
+        progress: ProgressFn | None = None,
+        dtype: torch.dtype = torch.float32,
+        clamp_x0: float | None = None,
+    ) -> Tensor:
+        ts = _check_t_list(t_list)
+        tgt = make_target(target)
+        fn = cfg(model_fn, uncond_fn, guidance_scale)
+        x = noise.to(torch.float32)
+        b, device = x.shape[0], x.device
+        total = len(ts) - 1
+        with torch.no_grad():
+            for i in range(total):
+                t = torch.full((b,), ts[i], device=device, dtype=torch.float32)
+                t_next = torch.full((b,), ts[i + 1], device=device, dtype=torch.float32)
+                x0_hat, eps_hat = _predict(fn, x, t, schedule, tgt, dtype, clamp_x0)
+                x = self.update(x, x0_hat, eps_hat, t, t_next, ts[i + 1] == 0.0, schedule, generator)
+                if progress is not None:
+                    progress(i, total)
+        return x.to(dtype)
 
 
-def ddpm_sample(
-    model_fn: ModelFn,
-    shape: Sequence[int],
-    t_list: Sequence[float] | Tensor,
-    schedule: CosineSchedule,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-    guidance_scale: float = 1.0,
-    uncond_fn: ModelFn | None = None,
-    progress: ProgressFn | None = None,
-    x_init: Tensor | None = None,
-    target: str | Target = "eps",
-    clamp_x0: float | None = None,
-) -> Tensor:
-    """DDPM ancestral sampling over ``t_list`` (descending; N+1 values = N model evaluations).
-
-    Each step samples the posterior q(x_{t_next} | x_t, x0_hat) built from abar(t) and abar(t_next); the
-    step to t_next == 0 adds no noise.  Starts from N(0, I) (seeded by ``generator``) or from ``x_init``.
-    """
-    return _sample(
-        "ddpm", model_fn, shape, t_list, schedule, generator, device, dtype,
-        guidance_scale, uncond_fn, progress, x_init, target, clamp_x0,
-    )
+def _ddpm_update(x, x0_hat, eps_hat, t, t_next, to_zero, schedule, generator):
+    noise = None if to_zero else torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+    return ddpm_step(x, x0_hat, t, t_next, schedule, noise)
 
 
-def ddim_sample(
-    model_fn: ModelFn,
-    shape: Sequence[int],
-    t_list: Sequence[float] | Tensor,
-    schedule: CosineSchedule,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-    guidance_scale: float = 1.0,
-    uncond_fn: ModelFn | None = None,
-    progress: ProgressFn | None = None,
-    x_init: Tensor | None = None,
-    target: str | Target = "eps",
-    clamp_x0: float | None = None,
-) -> Tensor:
-    """Deterministic DDIM (eta = 0) over ``t_list``; same arguments as :func:`ddpm_sample`."""
-    return _sample(
-        "ddim", model_fn, shape, t_list, schedule, generator, device, dtype,
-        guidance_scale, uncond_fn, progress, x_init, target, clamp_x0,
-    )
+def _ddim_update(x, x0_hat, eps_hat, t, t_next, to_zero, schedule, generator):
+    return ddim_step(x, x0_hat, eps_hat, t_next, schedule)
 
+
+ddpm_sample = Sampler(
+    "ddpm",
+    _ddpm_update,
+    """DDPM ancestral sampling: each step samples the posterior q(x_{t_next} | x_t, x0_hat) built from abar(t) and
+    abar(t_next), its noise drawn from ``generator``; the step to t_next == 0 adds no noise.""",
+)
+ddim_sample = Sampler(
+    "ddim",
+    _ddim_update,
+    """Deterministic DDIM (eta = 0): x_s = sqrt(abar_s)·x0_hat + sqrt(1-abar_s)·eps_hat (``generator`` unused).""",
+)
 
 SAMPLERS: dict[str, Callable[..., Tensor]] = {"ddpm": ddpm_sample, "ddim": ddim_sample}
 

@@ -14,12 +14,10 @@ All schedule math runs in float32 whatever the dtype of the data; ``add_noise`` 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-
-__all__ = ["CosineSchedule", "expand_like"]
 
 
 def expand_like(v: Tensor, x: Tensor) -> Tensor:
@@ -53,10 +51,7 @@ class CosineSchedule:
         self._norm = math.cos(self.s / (1 + self.s) * math.pi * 0.5) ** 2
 
     def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(s={self.s}, clamp_range={self.clamp_range}, "
-            f"logsnr_shift={self.logsnr_shift})"
-        )
+        return f"{type(self).__name__}(s={self.s}, clamp_range={self.clamp_range}, logsnr_shift={self.logsnr_shift})"
 
     @staticmethod
     def _as_t(t: Tensor | float) -> Tensor:

@@ -6,36 +6,13 @@ Every piece is small and selected by name through a registry (``make_t_sampler``
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from .schedule import CosineSchedule, expand_like
-
-__all__ = [
-    "TSampler",
-    "sample_t_official",
-    "sample_t_uniform",
-    "T_SAMPLERS",
-    "make_t_sampler",
-    "Target",
-    "EpsTarget",
-    "VTarget",
-    "TARGETS",
-    "make_target",
-    "eps_from_prediction",
-    "x0_from_prediction",
-    "x0_from_eps",
-    "eps_from_x0",
-    "LossWeight",
-    "no_weight",
-    "p2_official_weight",
-    "p2_paper_weight",
-    "LOSS_WEIGHTS",
-    "make_loss_weight",
-    "diffusion_loss",
-]
 
 
 def _lookup(registry: dict, name: str, kind: str):

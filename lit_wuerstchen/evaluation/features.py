@@ -10,10 +10,10 @@ Everything here works on image tensors ``[N, 3, H, W]`` float in [0, 1] and runs
 - :class:`FeatureExtractor`: what FID needs: any callable ``images -> [N, D]``.
 - :class:`RandomConvFeatures`: a fixed, seeded random conv net: a Fréchet distance that works offline (tests, toy
   runs). A proxy that moves with blur, noise and colour statistics, never comparable with Inception FID.
-- :func:`feature_statistics`, :func:`frechet_distance`, :func:`frechet_distance_from_statistics`: FID the way
-  clean-fid computes it; :func:`load_or_compute_reference_stats`: an ``.npz`` cache of reference statistics.
+- :func:`feature_statistics`, :func:`frechet_distance`, :func:`frechet_distance_from_statistics`: FID with
+  clean-fid's own Fréchet distance; :func:`load_or_compute_reference_stats`: an ``.npz`` cache of reference statistics.
 - :class:`ClipScorer`: torchmetrics' CLIP score definition (``100 * max(cos(image, text), 0)``) on an open_clip
-  model that can load from a local file or an offline cache (reusing :mod:`lit_wuerstchen.text_encoder`).
+  model that can load from a local file or an offline cache (found by :mod:`lit_wuerstchen.offline`).
 """
 
 from __future__ import annotations
@@ -25,11 +25,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+import cleanfid.downloads_helper
+import cleanfid.fid
+import cleanfid.resize
 import numpy as np
+import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
-from lit_wuerstchen.offline import is_offline
+from ..offline import is_offline, resolve_open_clip_model
 
 INCEPTION_FILENAME = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
@@ -90,24 +95,30 @@ class InceptionFeatures:
 
     name = "clean-fid-inception-2015-12-05"
 
-    def __init__(self, weights_file: str | os.PathLike | None = None, device: str | torch.device = "cpu", batch_size: int = 64):
+    def __init__(
+        self, weights_file: str | os.PathLike | None = None, device: str | torch.device = "cpu", batch_size: int = 64
+    ):
         path = Path(weights_file) if weights_file is not None else default_inception_path()
         if not path.is_file():
             if weights_file is not None:
                 raise RuntimeError(_inception_message(path, "the given inception_weights file does not exist"))
             if is_offline():
-                raise RuntimeError(_inception_message(path, "the file is missing and offline mode is on (HF_HUB_OFFLINE / LIT_WUERSTCHEN_OFFLINE)"))
+                raise RuntimeError(
+                    _inception_message(
+                        path, "the file is missing and offline mode is on (HF_HUB_OFFLINE / LIT_WUERSTCHEN_OFFLINE)"
+                    )
+                )
             try:
-                from cleanfid.downloads_helper import check_download_inception
-
-                check_download_inception(fpath=str(path.parent))
+                cleanfid.downloads_helper.check_download_inception(fpath=str(path.parent))
             except Exception as err:
                 try:  # a partial download would be taken for the real file next time
                     if path.is_file() and path.stat().st_size == 0:
                         path.unlink()
                 except OSError:
                     pass
-                raise RuntimeError(_inception_message(path, f"the file is missing and the download failed ({err})")) from err
+                raise RuntimeError(
+                    _inception_message(path, f"the file is missing and the download failed ({err})")
+                ) from err
         try:
             base = torch.jit.load(str(path), map_location="cpu").eval()
             self.layers = base.layers  # the network after clean-fid's resize (what InceptionV3W uses in clean mode)
@@ -117,9 +128,7 @@ class InceptionFeatures:
         self.device = torch.device(device)
         self.layers = self.layers.to(self.device)
         self.batch_size = batch_size
-        from cleanfid.resize import build_resizer
-
-        self._resize = build_resizer("clean")  # PIL bicubic to 299x299 on float channels in [0, 255]
+        self._resize = cleanfid.resize.build_resizer("clean")  # PIL bicubic to 299x299 on float channels in [0, 255]
 
     def to(self, device: str | torch.device) -> InceptionFeatures:
         self.device = torch.device(device)
@@ -175,12 +184,15 @@ FID_FEATURES = ("inception", "random")
 
 def check_fid_features(features: str) -> str:
     if features not in FID_FEATURES:
-        raise ValueError(f"unknown FID features {features!r}: use 'inception' (clean-fid FID) or 'random' (offline proxy)")
+        raise ValueError(
+            f"unknown FID features {features!r}: use 'inception' (clean-fid FID) or 'random' (offline proxy)"
+        )
     return features
 
 
-def make_fid_features(features: str, inception_weights: str | os.PathLike | None = None,
-                      device: str | torch.device = "cpu") -> FeatureExtractor:
+def make_fid_features(
+    features: str, inception_weights: str | os.PathLike | None = None, device: str | torch.device = "cpu"
+) -> FeatureExtractor:
     """The FID feature extractor by name (:data:`FID_FEATURES`): ``"inception"`` (clean-fid, the real FID) or
     ``"random"`` (:class:`RandomConvFeatures`, offline proxy)."""
     if check_fid_features(features) == "inception":
@@ -206,30 +218,17 @@ def feature_statistics(features: Any) -> tuple[np.ndarray, np.ndarray]:
     return arr.mean(axis=0), np.cov(arr, rowvar=False)
 
 
-def frechet_distance_from_statistics(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6) -> float:
-    """Fréchet distance of two Gaussians, computed as clean-fid does.
-
-    ``sqrtm(sigma1 @ sigma2)``; when not finite, ``eps`` is added to both diagonals. A complex result with
-    imaginary diagonal parts beyond 1e-3 raises :class:`ValueError`; smaller imaginary parts (numerical error)
-    are dropped. Tiny negative values from rounding are returned as 0.
-    """
-    from scipy import linalg
-
+def frechet_distance_from_statistics(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+) -> float:
+    """Fréchet distance of two Gaussians: clean-fid's own ``frechet_distance`` (``eps`` on the diagonals when the
+    product is singular; a large imaginary part raises :class:`ValueError`). Tiny negative values from rounding are
+    returned as 0."""
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:  # clean-fid asserts; say it as an error
         raise ValueError(f"statistics of different dimensions: {mu1.shape} vs {mu2.shape}")
-    diff = mu1 - mu2
-    covmean = linalg.sqrtm(sigma1.dot(sigma2))
-    if not np.isfinite(covmean).all():
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"Imaginary component {np.max(np.abs(covmean.imag))}")
-        covmean = covmean.real
-    fid = float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
-    return max(fid, 0.0)
+    return max(float(cleanfid.fid.frechet_distance(mu1, sigma1, mu2, sigma2, eps=eps)), 0.0)
 
 
 def frechet_distance(features_a: Any, features_b: Any) -> float:
@@ -247,8 +246,11 @@ def read_reference_stats(cache_path: str | os.PathLike, key: str | None = None) 
     try:
         with np.load(path, allow_pickle=False) as data:
             stats = {
-                "mu": data["mu"], "sigma": data["sigma"], "count": int(data["count"]),
-                "extractor": str(data["extractor"]), "key": str(data["key"]) if "key" in data else "",
+                "mu": data["mu"],
+                "sigma": data["sigma"],
+                "count": int(data["count"]),
+                "extractor": str(data["extractor"]),
+                "key": str(data["key"]) if "key" in data else "",
             }
     except Exception:
         return None
@@ -257,7 +259,9 @@ def read_reference_stats(cache_path: str | os.PathLike, key: str | None = None) 
     return stats
 
 
-def write_reference_stats(cache_path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, count: int, extractor: str = "", key: str = "") -> Path:
+def write_reference_stats(
+    cache_path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, count: int, extractor: str = "", key: str = ""
+) -> Path:
     """Write the statistics atomically (temporary file in the same folder, then ``os.replace``)."""
     path = Path(cache_path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -301,7 +305,7 @@ class ClipScorer:
         model_name: open_clip architecture (``ViT-bigG-14``; ``wuerstchen-tiny-clip`` is the shipped random tiny
             config for tests/toy runs).
         pretrained: open_clip pretrained tag, resolved offline-aware by
-            :func:`lit_wuerstchen.text_encoder.resolve_pretrained` (missing + offline: RuntimeError at once).
+            :func:`lit_wuerstchen.offline.resolve_pretrained` (missing + offline: RuntimeError at once).
         weights_file: a local open_clip checkpoint (takes precedence over ``pretrained``).
         model_config_file: an open_clip model-config JSON for custom architectures.
         device: where the model runs.
@@ -329,10 +333,6 @@ class ClipScorer:
             self._encode_image, self._encode_text = encoders
             self.name = f"injected:{model_name}"
             return
-        import open_clip
-
-        from lit_wuerstchen.text_encoder import resolve_open_clip_model
-
         _, checkpoint = resolve_open_clip_model(model_name, pretrained, weights_file, model_config_file)
         model = open_clip.create_model(model_name, pretrained=None, device="cpu")
         if checkpoint is not None:
@@ -345,8 +345,6 @@ class ClipScorer:
             cfg = {**cfg, **{k: tag_cfg[k] for k in ("mean", "std") if tag_cfg.get(k) is not None}}
         size = cfg.get("size", model.visual.image_size)
         self.image_size = tuple(size) if isinstance(size, (tuple, list)) else (int(size), int(size))
-        from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-
         self.mean = torch.tensor(cfg.get("mean") or OPENAI_DATASET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(cfg.get("std") or OPENAI_DATASET_STD, dtype=torch.float32).view(1, 3, 1, 1)
         self.name = f"open_clip:{model_name}:{pretrained or weights_file or 'random'}"
@@ -368,7 +366,7 @@ class ClipScorer:
         if (nh, nw) != (h, w):
             x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
         top, left = (nh - th) // 2, (nw - tw) // 2
-        x = x[..., top:top + th, left:left + tw]
+        x = x[..., top : top + th, left : left + tw]
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
 
     def _encode_image(self, images: torch.Tensor) -> torch.Tensor:
@@ -385,8 +383,10 @@ class ClipScorer:
         out = []
         with torch.autocast(device_type=self.device.type, enabled=False):
             for start in range(0, len(prompts), self.batch_size):
-                img = torch.as_tensor(self._encode_image(images[start:start + self.batch_size])).float()
-                txt = torch.as_tensor(self._encode_text(prompts[start:start + self.batch_size])).float().to(img.device)
+                img = torch.as_tensor(self._encode_image(images[start : start + self.batch_size])).float()
+                txt = (
+                    torch.as_tensor(self._encode_text(prompts[start : start + self.batch_size])).float().to(img.device)
+                )
                 cos = (F.normalize(img, dim=-1) * F.normalize(txt, dim=-1)).sum(-1)
                 out.append((100.0 * cos).clamp_min(0.0).cpu())
         return torch.cat(out) if out else torch.zeros(0)

@@ -1,7 +1,7 @@
 """``python -m lit_wuerstchen evaluate``: FID, CLIP score and shapes alignment of a ``sample`` output folder.
 
-Reads ``DIR/samples.jsonl`` (written by ``sample`` / ``callbacks.SampleWriter``: one JSON object per image with
-``prompt`` and ``path`` relative to DIR) and writes a JSON report (default ``DIR/evaluation.json``):
+Reads ``DIR/samples.jsonl`` (written by ``sample`` / ``lit_wuerstchen.callbacks.SampleWriter``: one JSON object per
+image with ``prompt`` and ``path`` relative to DIR) and writes a JSON report (default ``DIR/evaluation.json``):
 
 - ``fid``: clean-fid Inception FID against ``--reference`` (a folder of images, searched recursively, or a shard
   pattern whose ``png``/``jpg``/``jpeg``/``webp`` members are read), reference images centre-cropped to the
@@ -30,7 +30,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .features import FID_FEATURES
+from ..data.datamodule import expand_shards
+from ..data.shards import iter_shard, load_rgb
+from .features import FID_FEATURES, ClipScorer, extractor_name, frechet_distance, make_fid_features
+from .shapes_alignment import shapes_alignment
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 SHARD_IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
@@ -111,9 +114,6 @@ def iter_reference_images(reference: str, size: tuple[int, int], limit: int | No
                 yield _to_tensor(_fit(img.convert("RGB"), size))
             count += 1
         return
-    from lit_wuerstchen.data.datamodule import expand_shards
-    from lit_wuerstchen.data.shards import iter_shard, load_rgb
-
     for url in expand_shards(reference):
         for sample in iter_shard(url):
             data = next((sample[k] for k in SHARD_IMAGE_KEYS if k in sample), None)
@@ -127,9 +127,9 @@ def iter_reference_images(reference: str, size: tuple[int, int], limit: int | No
 
 # --- metric builders ---------------------------------------------------------------------------------------------
 def make_clip_scorer(model_name: str, pretrained: str | None, weights_file: str | None, device: torch.device):
-    from .features import ClipScorer
-
-    return ClipScorer(model_name, pretrained=None if weights_file else pretrained, weights_file=weights_file, device=device)
+    return ClipScorer(
+        model_name, pretrained=None if weights_file else pretrained, weights_file=weights_file, device=device
+    )
 
 
 def _batched_features(extractor, images: torch.Tensor | Iterator[torch.Tensor], batch_size: int) -> torch.Tensor:
@@ -191,17 +191,22 @@ def evaluate_samples(
         metrics["fid"] = {"skipped": "FID needs at least 2 samples"}
     else:
         try:
-            from .features import extractor_name, frechet_distance, make_fid_features
-
-            extractor = feature_extractor if feature_extractor is not None else make_fid_features(fid_features, inception_weights, device)
+            extractor = (
+                feature_extractor
+                if feature_extractor is not None
+                else make_fid_features(fid_features, inception_weights, device)
+            )
 
             fake = _batched_features(extractor, images, batch_size)
             real = _batched_features(extractor, iter_reference_images(reference, size, num_reference), batch_size)
             if real.shape[0] < 2:
                 raise ValueError(f"the reference {reference} holds {real.shape[0]} usable image(s); FID needs 2+")
             metrics["fid"] = {
-                "value": frechet_distance(fake, real), "num_samples": int(fake.shape[0]),
-                "num_reference": int(real.shape[0]), "reference": str(reference), "extractor": extractor_name(extractor),
+                "value": frechet_distance(fake, real),
+                "num_samples": int(fake.shape[0]),
+                "num_reference": int(real.shape[0]),
+                "reference": str(reference),
+                "extractor": extractor_name(extractor),
             }
         except (RuntimeError, ValueError, FileNotFoundError, OSError) as err:
             metrics["fid"] = {"skipped": str(err)}
@@ -211,12 +216,22 @@ def evaluate_samples(
         metrics["clip_score"] = {"skipped": "disabled (--no_clip)"}
     else:
         try:
-            scorer = clip_scorer if clip_scorer is not None else make_clip_scorer(clip_model, clip_pretrained, clip_weights, device)
-            scores = torch.cat([scorer.score(images[i:i + batch_size], prompts[i:i + batch_size]).float().cpu()
-                                for i in range(0, len(prompts), batch_size)])
+            scorer = (
+                clip_scorer
+                if clip_scorer is not None
+                else make_clip_scorer(clip_model, clip_pretrained, clip_weights, device)
+            )
+            scores = torch.cat(
+                [
+                    scorer.score(images[i : i + batch_size], prompts[i : i + batch_size]).float().cpu()
+                    for i in range(0, len(prompts), batch_size)
+                ]
+            )
             metrics["clip_score"] = {
-                "value": float(scores.mean()), "std": float(scores.std()) if scores.numel() > 1 else 0.0,
-                "num_samples": int(scores.numel()), "model": getattr(scorer, "name", clip_model),
+                "value": float(scores.mean()),
+                "std": float(scores.std()) if scores.numel() > 1 else 0.0,
+                "num_samples": int(scores.numel()),
+                "model": getattr(scorer, "name", clip_model),
             }
         except (RuntimeError, ValueError, FileNotFoundError, OSError) as err:
             metrics["clip_score"] = {"skipped": str(err)}
@@ -225,26 +240,32 @@ def evaluate_samples(
     if not alignment:
         metrics["shapes_alignment"] = {"skipped": "disabled"}
     else:
-        from .shapes_alignment import shapes_alignment
-
         result = shapes_alignment(images, prompts)
         if result["count"] == 0:
             metrics["shapes_alignment"] = {"skipped": "no prompt follows the synthetic shapes caption grammar"}
         else:
-            # shapes_alignment's own "skipped" (prompts outside the grammar) is renamed: "skipped" marks a skipped metric
-            metrics["shapes_alignment"] = {**{k: v for k, v in result.items() if k not in ("count", "skipped")},
-                                           "count": int(result["count"]), "unparsed_prompts": int(result["skipped"])}
+            # shapes_alignment's own "skipped" (prompts outside the grammar) is renamed: "skipped" marks a skipped
+            # metric
+            metrics["shapes_alignment"] = {
+                **{k: v for k, v in result.items() if k not in ("count", "skipped")},
+                "count": int(result["count"]),
+                "unparsed_prompts": int(result["skipped"]),
+            }
     return report
 
 
 def format_table(report: dict[str, Any]) -> str:
-    rows = [f"{report['num_samples']} samples in {report['samples']} ({report['resolution'][0]}x{report['resolution'][1]})"]
+    rows = [
+        f"{report['num_samples']} samples in {report['samples']} ({report['resolution'][0]}x{report['resolution'][1]})"
+    ]
     for name, entry in report["metrics"].items():
         if "skipped" in entry:
             reason = entry["skipped"].splitlines()[0]
             rows.append(f"  {name:<18} skipped: {reason}")
         elif name == "shapes_alignment":
-            parts = ", ".join(f"{k} {entry[k]:.3f}" for k in ("all", "background", "colour", "shape", "position", "size"))
+            parts = ", ".join(
+                f"{k} {entry[k]:.3f}" for k in ("all", "background", "colour", "shape", "position", "size")
+            )
             rows.append(f"  {name:<18} {parts} ({entry['count']} prompts)")
         else:
             rows.append(f"  {name:<18} {entry['value']:.4f}")
@@ -262,12 +283,26 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--reference", help="real images for FID: a folder (recursive) or a shard pattern")
     parser.add_argument("--num_reference", type=int, help="use at most this many reference images")
     parser.add_argument("--out", help="report path (default: SAMPLES/evaluation.json)")
-    parser.add_argument("--inception_weights", help="clean-fid's inception-2015-12-05.pt (default: where clean-fid keeps it)")
-    parser.add_argument("--fid_features", choices=FID_FEATURES, default="inception",
-                        help="inception: clean-fid FID; random: Fréchet distance on fixed random conv features (offline proxy)")
-    parser.add_argument("--clip_model", default="ViT-bigG-14", help="open_clip model name (wuerstchen-tiny-clip: random tiny, plumbing only)")
-    parser.add_argument("--clip_pretrained", default="laion2b_s39b_b160k", help="open_clip pretrained tag ('none': random weights)")
-    parser.add_argument("--clip_weights", help="local open_clip checkpoint for --clip_model (instead of --clip_pretrained)")
+    parser.add_argument(
+        "--inception_weights", help="clean-fid's inception-2015-12-05.pt (default: where clean-fid keeps it)"
+    )
+    parser.add_argument(
+        "--fid_features",
+        choices=FID_FEATURES,
+        default="inception",
+        help="inception: clean-fid FID; random: Fréchet distance on fixed random conv features (offline proxy)",
+    )
+    parser.add_argument(
+        "--clip_model",
+        default="ViT-bigG-14",
+        help="open_clip model name (wuerstchen-tiny-clip: random tiny, plumbing only)",
+    )
+    parser.add_argument(
+        "--clip_pretrained", default="laion2b_s39b_b160k", help="open_clip pretrained tag ('none': random weights)"
+    )
+    parser.add_argument(
+        "--clip_weights", help="local open_clip checkpoint for --clip_model (instead of --clip_pretrained)"
+    )
     parser.add_argument("--no_fid", action="store_true", help="skip FID")
     parser.add_argument("--no_clip", action="store_true", help="skip the CLIP score")
     parser.add_argument("--no_alignment", action="store_true", help="skip the shapes alignment")
@@ -281,10 +316,21 @@ def run(args: argparse.Namespace, feature_extractor: Any = None, clip_scorer: An
     pretrained = None if (args.clip_pretrained or "").lower() in ("", "none", "null") else args.clip_pretrained
     try:
         report = evaluate_samples(
-            args.samples, args.reference, fid=not args.no_fid, clip=not args.no_clip, alignment=not args.no_alignment,
-            inception_weights=args.inception_weights, fid_features=args.fid_features, clip_model=args.clip_model, clip_pretrained=pretrained,
-            clip_weights=args.clip_weights, num_reference=args.num_reference, batch_size=args.batch_size,
-            device=device, feature_extractor=feature_extractor, clip_scorer=clip_scorer,
+            args.samples,
+            args.reference,
+            fid=not args.no_fid,
+            clip=not args.no_clip,
+            alignment=not args.no_alignment,
+            inception_weights=args.inception_weights,
+            fid_features=args.fid_features,
+            clip_model=args.clip_model,
+            clip_pretrained=pretrained,
+            clip_weights=args.clip_weights,
+            num_reference=args.num_reference,
+            batch_size=args.batch_size,
+            device=device,
+            feature_extractor=feature_extractor,
+            clip_scorer=clip_scorer,
         )
     except SamplesError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torchmetrics import Metric
 
 from ..data.shapes import PALETTE, POSITIONS, SIZES, parse_caption
 
@@ -89,9 +90,7 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     # min-label propagation: converges in (longest path inside a component) steps, vectorised per step
     for _ in range(big):
         padded = np.pad(labels, 1, constant_values=big)
-        new = np.minimum.reduce(
-            [labels, padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:]]
-        )
+        new = np.minimum.reduce([labels, padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:]])
         new = np.where(mask, new, big)
         # pointer jumping: follow each label to its pixel's label, which shortens long chains
         flat = new.reshape(-1)
@@ -138,9 +137,10 @@ def analyse_shapes_image(image: Any) -> dict[str, Any]:
     tensors and PIL images work too). Returns the five attribute names (``None`` where nothing was found, e.g.
     ``colour``/``shape``/... on a plain image) plus the raw measurements: ``background_rgb``, ``colour_rgb``,
     ``colour_votes`` (share of the core pixels that voted for the winner), ``fill_ratio`` (soft area / box
-    area), ``skew``, ``corner``, ``squareness``, ``bottom_share`` (shape cues), ``centroid`` and ``box_centre`` (``(x, y)``
-    in pixels, pixel centres at +0.5), ``bbox`` (``x0, y0, x1, y1`` exclusive), ``extent`` (side from the soft area
-    and the detected shape, as a fraction of the image side; what ``size`` uses), ``box_extent``, ``area``.
+    area), ``skew``, ``corner``, ``squareness``, ``bottom_share`` (shape cues), ``centroid`` and ``box_centre``
+    (``(x, y)`` in pixels, pixel centres at +0.5), ``bbox`` (``x0, y0, x1, y1`` exclusive), ``extent`` (side from
+    the soft area and the detected shape, as a fraction of the image side; what ``size`` uses), ``box_extent``,
+    ``area``.
     """
     img = _to_hwc_float(image)
     h, w, _ = img.shape
@@ -365,3 +365,28 @@ def shapes_alignment(images: Any, prompts: Sequence[str]) -> dict[str, float]:
     result["count"] = float(count)
     result["skipped"] = float(skipped)
     return result
+
+
+class ShapesAlignment(Metric):
+    """:func:`shapes_alignment` accumulated over batches (a torchmetrics metric: it reduces correctly under DDP)."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.names = (*ATTRIBUTES, "all")
+        self.add_state("correct", torch.zeros(len(self.names), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, images: torch.Tensor, prompts: list[str]) -> None:
+        scores = shapes_alignment(images.detach().float().cpu(), list(prompts))
+        count = scores["count"]
+        self.correct += torch.tensor(
+            [scores[name] * count for name in self.names], dtype=torch.float64, device=self.correct.device
+        )
+        self.count += count
+
+    def compute(self) -> dict[str, float]:
+        count = float(self.count)
+        scores = {name: float(value) / count if count else 0.0 for name, value in zip(self.names, self.correct)}
+        return {**scores, "count": count}

@@ -1,1 +1,23 @@
-"""Pure nn.Modules: no Lightning, no file I/O."""
+"""Pure nn.Modules, each beside the config dataclass that sizes it: no Lightning, no file I/O."""
+
+from .compressor import CompressorConfig, SemanticCompressor, semantic_latent_size
+from .diffnext import DiffNeXt, DiffNeXtConfig, perturb_semantic
+from .prior import Prior, PriorConfig
+from .text_encoder import TextEncoder, TextEncoderConfig
+from .vqgan import VQGAN, PatchDiscriminator, VQGANConfig
+
+__all__ = [
+    "VQGAN",
+    "CompressorConfig",
+    "DiffNeXt",
+    "DiffNeXtConfig",
+    "PatchDiscriminator",
+    "Prior",
+    "PriorConfig",
+    "SemanticCompressor",
+    "TextEncoder",
+    "TextEncoderConfig",
+    "VQGANConfig",
+    "perturb_semantic",
+    "semantic_latent_size",
+]

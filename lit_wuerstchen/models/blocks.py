@@ -1,4 +1,4 @@
-"""Building blocks shared by the Stage A, B and C networks (DESIGN.md §2).
+"""Building blocks shared by the Stage A, B and C networks (docs/design.md, one section per stage).
 
 Pure ``nn.Module``s: no Lightning, no file I/O. Tensors are NCHW unless a name says otherwise.
 """
@@ -105,7 +105,11 @@ class Attention(nn.Module):
         return x.view(batch, length, self.num_heads, channels // self.num_heads).transpose(1, 2)
 
     def forward(self, queries: torch.Tensor, keys_values: torch.Tensor) -> torch.Tensor:
-        q, k, v = self._heads(self.to_q(queries)), self._heads(self.to_k(keys_values)), self._heads(self.to_v(keys_values))
+        q, k, v = (
+            self._heads(self.to_q(queries)),
+            self._heads(self.to_k(keys_values)),
+            self._heads(self.to_v(keys_values)),
+        )
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         return self.to_out(out.transpose(1, 2).flatten(2))
 

@@ -1,18 +1,22 @@
-"""Semantic compressor: image -> 16 x h x w semantic latent (Stage B's condition, Stage C's target; DESIGN.md §2).
+"""Semantic compressor: image -> 16 x h x w semantic latent (Stage B's condition, Stage C's target; docs/design.md
+"Semantic compressor").
 
-Pure ``nn.Module``: no Lightning. The only file access is the optional pretrained-weight load through
-:func:`lit_wuerstchen.offline.load_torchvision_weights`.
+Pure ``nn.Module``: no Lightning, no file I/O. ImageNet initialisation (``pretrained``) is applied by
+:func:`lit_wuerstchen.checkpoints.build_compressor`.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 
-from lit_wuerstchen.models.blocks import ResBlock
+from .blocks import ResBlock
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -53,6 +57,31 @@ class _TinyBackbone(nn.Sequential):
         super().__init__(*layers)
 
 
+@dataclass
+class CompressorConfig:
+    """The semantic compressor; the single source of its defaults (EfficientNetV2-S from ImageNet weights, as in
+    the paper; ``tiny`` for CPU toy runs). The compression ratio is Stage B's own value, not part of this config."""
+
+    backbone: Literal["efficientnet_v2_s", "efficientnet_v2_l", "tiny"] = "efficientnet_v2_s"
+    pretrained: bool = True
+    """Start from torchvision's ImageNet weights (read from torch's hub cache; offline and missing fails at once)."""
+    latent_channels: int = 16
+    tiny_widths: list[int] = field(default_factory=lambda: [32, 64, 128])
+    """Widths of the ``tiny`` backbone (stride ``2 ** len(tiny_widths)``)."""
+    affine_norm: bool = False
+
+    def __post_init__(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {BACKBONES}")
+        if self.latent_channels < 1:
+            raise ValueError(f"latent_channels must be >= 1, got {self.latent_channels}")
+        if self.backbone == "tiny":
+            if not self.tiny_widths or min(self.tiny_widths) < 1:
+                raise ValueError(f"tiny_widths must be a non-empty list of positive widths, got {self.tiny_widths}")
+            if self.pretrained:
+                raise ValueError("the 'tiny' backbone has no pretrained weights; set pretrained: false")
+
+
 class SemanticCompressor(nn.Module):
     """Backbone features -> 1x1 conv (no bias) -> BatchNorm: the semantic latent (default 16 channels).
 
@@ -63,64 +92,33 @@ class SemanticCompressor(nn.Module):
     compression 16 gives 4x4.
 
     Backbones: ``"efficientnet_v2_s"`` (paper v2) / ``"efficientnet_v2_l"`` (v1): torchvision ``.features``,
-    1280 channels, stride 32, optionally ImageNet-initialised (``pretrained=True``; the file is read from the
-    torch hub cache, see :mod:`lit_wuerstchen.offline`); ``"tiny"``: a small conv net for CPU toy runs, stride
-    ``2 ** len(tiny_widths)``, ending at ``tiny_widths[-1]`` channels.
+    1280 channels, stride 32 (randomly initialised here; see ``CompressorConfig.pretrained``); ``"tiny"``: a small
+    conv net for CPU toy runs, stride ``2 ** len(tiny_widths)``, ending at ``tiny_widths[-1]`` channels.
 
     The final BatchNorm is affine-free by default (Stable Cascade); under DDP turn on Lightning's
     ``Trainer(sync_batchnorm=True)`` to get SyncBatchNorm (it converts every BatchNorm, the backbone's too).
     """
 
-    def __init__(
-        self,
-        backbone: str = "efficientnet_v2_s",
-        pretrained: bool = False,
-        latent_channels: int = 16,
-        compression: float = 42.67,
-        tiny_widths: tuple[int, ...] = (32, 64, 128),
-        affine_norm: bool = False,
-    ):
+    def __init__(self, config: CompressorConfig | None = None, compression: float = 42.67):
         super().__init__()
-        if backbone not in BACKBONES:
-            raise ValueError(f"unknown backbone {backbone!r}; choose one of {BACKBONES}")
+        self.config = config = config or CompressorConfig()
         if not compression > 0:
             raise ValueError(f"compression must be > 0, got {compression}")
-        if latent_channels < 1:
-            raise ValueError(f"latent_channels must be >= 1, got {latent_channels}")
-        self.backbone_name = backbone
+        self.backbone_name = config.backbone
         self.compression = float(compression)
-        self.latent_channels = latent_channels
-        if backbone == "tiny":
-            tiny_widths = tuple(int(w) for w in tiny_widths)
-            if not tiny_widths or min(tiny_widths) < 1:
-                raise ValueError(f"tiny_widths must be a non-empty list of positive widths, got {tiny_widths}")
-            if pretrained:
-                raise ValueError("the 'tiny' backbone has no pretrained weights; use pretrained=False")
+        self.latent_channels = config.latent_channels
+        if config.backbone == "tiny":
+            tiny_widths = tuple(int(w) for w in config.tiny_widths)
             self.backbone = _TinyBackbone(tiny_widths)
             feature_channels, self._stride = tiny_widths[-1], 2 ** len(tiny_widths)
         else:
-            self.backbone = self._efficientnet(backbone, pretrained)
+            self.backbone = getattr(torchvision.models, config.backbone)(weights=None).features
             feature_channels, self._stride = 1280, 32
         self.feature_channels = feature_channels
-        self.mapper = nn.Conv2d(feature_channels, latent_channels, kernel_size=1, bias=False)
-        self.norm = nn.BatchNorm2d(latent_channels, affine=affine_norm)
+        self.mapper = nn.Conv2d(feature_channels, config.latent_channels, kernel_size=1, bias=False)
+        self.norm = nn.BatchNorm2d(config.latent_channels, affine=config.affine_norm)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-
-    @staticmethod
-    def _efficientnet(name: str, pretrained: bool) -> nn.Module:
-        import torchvision
-
-        model = getattr(torchvision.models, name)(weights=None)
-        if pretrained:
-            from lit_wuerstchen.offline import load_torchvision_weights
-
-            weights_enum = {
-                "efficientnet_v2_s": torchvision.models.EfficientNet_V2_S_Weights,
-                "efficientnet_v2_l": torchvision.models.EfficientNet_V2_L_Weights,
-            }[name]
-            model.load_state_dict(load_torchvision_weights(weights_enum.IMAGENET1K_V1))
-        return model.features
 
     @property
     def stride(self) -> int:

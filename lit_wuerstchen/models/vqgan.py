@@ -1,4 +1,4 @@
-"""Stage A: the f4 VQGAN (DESIGN.md §2) and its patch discriminator.
+"""Stage A: the f4 VQGAN (docs/design.md "Stage A") and its patch discriminator.
 
 Images are in [0, 1], NCHW. ``encode`` returns the BatchNorm-ed continuous latent; ``quantize`` snaps it to the
 codebook; Stage B trains on ``scale_factor * encode(x)`` (the *unquantised* latent, as in the paper).

@@ -1,15 +1,19 @@
-"""What every stage's LightningModule shares: optimiser settings, the EMA contract, data-health logging."""
+"""What every stage's LightningModule shares: the optimiser, frozen parts, the EMA contract, checkpoint records and
+data-health logging (:class:`Stage`), and the one diffusion training step of Stages B and C (:class:`DiffusionStage`).
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 import torch
 from torch import nn
 
+from ..checkpoints import RECORD, stage_record
+from ..diffusion import Diffusion, DiffusionConfig, SamplingConfig
 
 
 @dataclass
@@ -44,7 +48,9 @@ class OptimizerConfig:
         """AdamW and its per-step scheduler; ``total_steps`` (trainer.max_steps) is needed for cosine decay."""
         if self.decay == "cosine" and (total_steps is None or total_steps <= 0):
             raise ValueError("optimizer.decay: cosine needs trainer.max_steps to be set")
-        optimizer = torch.optim.AdamW(parameters, lr=lr or self.lr, betas=tuple(self.betas), weight_decay=self.weight_decay)
+        optimizer = torch.optim.AdamW(
+            parameters, lr=lr or self.lr, betas=tuple(self.betas), weight_decay=self.weight_decay
+        )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_factor(step, total_steps))
         return optimizer, scheduler
 
@@ -57,62 +63,91 @@ def as_dataclass(cls, value):
 class Stage(L.LightningModule):
     """Base of the stage LightningModules.
 
-    Subclasses implement ``ema_network`` (the one trained network the EMA callback averages: never frozen
-    encoders or metric networks) and ``log_images`` (named image grids in [0, 1] for the image logger).
+    Subclasses set :attr:`stage` ("A", "B", "C") and implement :meth:`trained_networks` (what the optimiser trains
+    and the EMA averages: never frozen encoders or metric networks), :meth:`checkpoint_configs` (what the loaders in
+    :mod:`lit_wuerstchen.checkpoints` need to rebuild the networks), :meth:`log_images` (named image grids for the
+    image logger) and :meth:`evaluation_images` (what evaluation callbacks score).
     """
 
-    def hold_frozen(self, name: str, module: nn.Module) -> nn.Module:
-        """Keep a frozen network (text encoder, LPIPS, earlier stages) *outside* the module tree.
+    stage = ""
 
-        It stays out of checkpoints, the EMA, the optimiser and FSDP wrapping, yet moves with the LightningModule
-        (``.to()``) and is always in eval mode. Access it as ``self.<name>``.
+    def __init__(self) -> None:
+        super().__init__()
+        self._frozen: dict[str, tuple[nn.Module, bool]] = {}
+        self.register_state_dict_post_hook(_frozen_state_dict_hook)
+        self.register_load_state_dict_pre_hook(_frozen_load_state_dict_hook)
+
+    # --- frozen parts ---------------------------------------------------------------------------------------------
+    def freeze(self, name: str, module: nn.Module, persistent: bool = False) -> nn.Module:
+        """Hold a frozen network (an earlier stage, a text encoder, a loss network) as ``self.<name>``.
+
+        It is kept outside the module tree, so it stays out of the optimiser, the EMA, DDP/FSDP wrapping and the
+        model summary; it is always in eval mode (its BatchNorm statistics never move) with ``requires_grad``
+        off, and moves with the LightningModule (``.to()``, dtype casts). It is in ``state_dict`` (under
+        ``<name>.``, loaded back by ``load_state_dict``) only when ``persistent``: for parts that must travel with
+        the checkpoint (Stage A inside Stage B, a randomly initialised text encoder inside Stage C).
         """
         module.requires_grad_(False).eval()
-        if "_frozen" not in self.__dict__:
-            object.__setattr__(self, "_frozen", {})
-        self._frozen[name] = module
-        object.__setattr__(self, name, module)
+        self._frozen[name] = (module, persistent)
+        object.__setattr__(self, name, module)  # not nn.Module.__setattr__: no submodule registration
         return module
 
     def frozen_modules(self) -> dict[str, nn.Module]:
-        return self.__dict__.get("_frozen", {})
+        return {name: module for name, (module, _) in self._frozen.items()}
 
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
-        for module in self.frozen_modules().values():
+        for module, _ in self._frozen.values():
             module._apply(fn, recurse)
         return self
 
     def train(self, mode: bool = True):
         super().train(mode)
-        for module in self.frozen_modules().values():
+        for module, _ in self._frozen.values():
             module.eval()
         return self
+
+    # --- what is trained ------------------------------------------------------------------------------------------
+    def trained_networks(self) -> dict[str, nn.Module]:
+        """The trained networks by attribute name (their ``state_dict`` keys carry that prefix)."""
+        raise NotImplementedError
+
+    def trained_parameters(self) -> list[nn.Parameter]:
+        return [p for network in self.trained_networks().values() for p in network.parameters()]
 
     def store_plain_hparams(self, **configs) -> None:
         """Keep config dataclasses as plain dicts in ``hparams``: checkpoints then load with ``weights_only``."""
         self.hparams.update({name: asdict(config) for name, config in configs.items()})
 
-    def ema_network(self) -> nn.Module:
-        raise NotImplementedError
-
     def configure_optimizers(self):
-        """AdamW over exactly the trained network (``ema_network``), stepped per step (``self.optimizer_config``)."""
-        optimizer, scheduler = self.optimizer_config.build(self.ema_network().parameters(),
-                                                           total_steps=self.trainer.max_steps)
+        """AdamW over exactly the trained networks, stepped per step (``self.optimizer_config``)."""
+        optimizer, scheduler = self.optimizer_config.build(
+            self.trained_parameters(), total_steps=self.trainer.max_steps
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         clip = gradient_clip_val if gradient_clip_val is not None else self.optimizer_config.grad_clip
         if clip:
-            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm=gradient_clip_algorithm or "norm")
+            self.clip_gradients(
+                optimizer, gradient_clip_val=clip, gradient_clip_algorithm=gradient_clip_algorithm or "norm"
+            )
 
+    # --- checkpoints ----------------------------------------------------------------------------------------------
+    def checkpoint_configs(self) -> dict[str, Any]:
+        """The configs (dataclasses or plain values) the checkpoint loaders need to rebuild this stage's networks."""
+        raise NotImplementedError
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[RECORD] = stage_record(self.stage, **self.checkpoint_configs())
+
+    # --- images and logging ---------------------------------------------------------------------------------------
     def log_images(self, batch: dict) -> dict[str, torch.Tensor]:
         return {}
 
     def evaluation_images(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Images in [0, 1] that evaluation callbacks (FID, CLIP score) compare with ``batch``: reconstructions of
-        ``batch["image"]`` for Stages A and B, generations from ``batch["caption"]`` for Stage C."""
+        """Images in [0, 1] that evaluation callbacks (FID, CLIP score, alignment) compare with ``batch``:
+        reconstructions of ``batch["image"]`` for Stages A and B, generations from ``batch["caption"]`` for C."""
         raise NotImplementedError
 
     def log_data_errors(self, split: str) -> None:
@@ -121,5 +156,94 @@ class Stage(L.LightningModule):
         if datamodule is None or not hasattr(datamodule, "error_counts"):
             return
         for name, count in datamodule.error_counts(split).items():
-            self.log(f"data/{split}_{name}", float(count), on_step=split == "train", on_epoch=split != "train",
-                     reduce_fx="max", batch_size=1)
+            self.log(
+                f"data/{split}_{name}",
+                float(count),
+                on_step=split == "train",
+                on_epoch=split != "train",
+                reduce_fx="max",
+                batch_size=1,
+            )
+
+
+def _frozen_state_dict_hook(module: Stage, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    for name, (frozen, persistent) in module._frozen.items():
+        if persistent:
+            for key, value in frozen.state_dict().items():
+                state_dict[f"{prefix}{name}.{key}"] = value
+
+
+def _frozen_load_state_dict_hook(
+    module: Stage,
+    state_dict: dict,
+    prefix: str,
+    local_metadata,
+    strict: bool,
+    missing_keys: list,
+    unexpected_keys: list,
+    error_msgs: list,
+) -> None:
+    """Route a persistent frozen part's entries into it (they are not the module tree's, so nn.Module would call them
+    unexpected); a persistent part missing from the checkpoint is reported like any missing key."""
+    for name, (frozen, persistent) in module._frozen.items():
+        head = f"{prefix}{name}."
+        own = {key[len(head) :]: state_dict.pop(key) for key in [k for k in state_dict if k.startswith(head)]}
+        if not persistent:
+            unexpected_keys.extend(head + key for key in own)
+            continue
+        result = frozen.load_state_dict(own, strict=False)
+        missing_keys.extend(head + key for key in result.missing_keys)
+        unexpected_keys.extend(head + key for key in result.unexpected_keys)
+
+
+class DiffusionStage(Stage):
+    """The diffusion training step shared by Stages B and C.
+
+    A subclass says only what its network, its clean sample and its conditioning are: :meth:`denoiser` (called as
+    ``denoiser(x_t, t, **conditioning)``) and :meth:`diffusion_inputs` (clean samples ``x0`` and the conditioning,
+    with the training-time augmentation — caption or semantic-latent dropout — when ``train``).
+    """
+
+    def __init__(self, diffusion: DiffusionConfig, validation_sampling: SamplingConfig) -> None:
+        super().__init__()
+        self.diffusion_config = as_dataclass(DiffusionConfig, diffusion)
+        self.sampling_config = as_dataclass(SamplingConfig, validation_sampling)
+        self.diffusion = Diffusion(self.diffusion_config)
+
+    def denoiser(self) -> nn.Module:
+        raise NotImplementedError
+
+    def diffusion_inputs(self, batch: dict, train: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def diffusion_loss(self, batch: dict, train: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The weighted denoising loss on ``batch``; ``generator`` (on the model's device) fixes t and the noise
+        for a comparable validation loss."""
+        x0, conditioning = self.diffusion_inputs(batch, train)
+        network = self.denoiser()
+        return self.diffusion.loss(lambda x_t, t: network(x_t, t, **conditioning), x0, generator)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.diffusion_loss(batch, train=True)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["image"]))
+        self.log_data_errors("train")
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        # The same t and noise for a batch at every validation: the loss curve shows the model, not the draw.
+        generator = torch.Generator(device=self.device).manual_seed(batch_idx)
+        loss = self.diffusion_loss(batch, train=False, generator=generator)
+        self.log("val/loss", loss, batch_size=len(batch["image"]), sync_dist=True)
+        self.validation_samples(batch, generator)
+
+    def validation_samples(self, batch: dict, generator: torch.Generator) -> None:
+        """Stage-specific validation after the loss (e.g. Stage B's reconstruction metrics); none by default."""
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_data_errors("val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self.on_validation_epoch_end()

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
-from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from ..losses import build_lpips, hinge_discriminator_loss, hinge_generator_loss
+from ..losses import PerceptualLoss, hinge_discriminator_loss, hinge_generator_loss
 from ..metrics import CodebookUsage
 from ..models.vqgan import VQGAN, PatchDiscriminator, VQGANConfig
 from .base import OptimizerConfig, Stage, as_dataclass
@@ -28,11 +26,13 @@ class StageA(Stage):
         skip_quantization_prob: per-sample probability that the decoder sees the continuous latent
             (paper: 0.1), so it also decodes the unquantised latents Stage B produces.
         perceptual_weight: LPIPS weight (paper 0.1; 0 disables and loads nothing).
-        perceptual_net: LPIPS backbone ("vgg", "alex", "squeeze").
-        perceptual_backbone_weights: local torchvision state-dict file of that backbone (else torchvision's cache).
+        perceptual_net: LPIPS backbone ("vgg", "alex", "squeeze"); its ImageNet weights are read from torch's hub
+            cache (``$TORCH_HOME/hub/checkpoints``), offline and missing fails at once naming the file.
         adversarial_weight: hinge GAN loss weight for the generator (paper 0.01; 0 disables the discriminator).
         adversarial_start_step: step from which the discriminator trains and the adversarial loss applies (paper 10k).
     """
+
+    stage = "A"
 
     def __init__(
         self,
@@ -43,7 +43,6 @@ class StageA(Stage):
         skip_quantization_prob: float = 0.1,
         perceptual_weight: float = 0.0,
         perceptual_net: Literal["vgg", "alex", "squeeze"] = "vgg",
-        perceptual_backbone_weights: str | None = None,
         adversarial_weight: float = 0.0,
         adversarial_start_step: int = 10_000,
         discriminator_channels: int = 64,
@@ -62,16 +61,16 @@ class StageA(Stage):
             PatchDiscriminator(discriminator_channels, discriminator_layers) if adversarial_weight > 0 else None
         )
         # The frozen LPIPS network is a loss, not part of the model.
-        self._lpips = None
+        self.perceptual_loss = None
         if perceptual_weight > 0:
-            self.hold_frozen("_lpips", build_lpips(perceptual_net, perceptual_backbone_weights))
+            self.freeze("perceptual_loss", PerceptualLoss(perceptual_net))
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0, reduction="elementwise_mean", dim=(1, 2, 3))
         self.val_psnr_unquantized = PeakSignalNoiseRatio(data_range=1.0, reduction="elementwise_mean", dim=(1, 2, 3))
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
         self.val_codebook = CodebookUsage(vqgan.codebook_size)
 
-    def ema_network(self) -> nn.Module:
-        return self.vqgan
+    def trained_networks(self) -> dict[str, nn.Module]:
+        return {"vqgan": self.vqgan}  # the discriminator is a training aid: not averaged, not read by Stage B
 
     def configure_optimizers(self):
         config = self.optimizer_config
@@ -103,8 +102,8 @@ class StageA(Stage):
         loss = reconstruction_loss + hp.vq_weight * out["vq_loss"]
         logs = {"train/reconstruction_loss": reconstruction_loss, "train/vq_loss": out["vq_loss"]}
 
-        if self._lpips is not None:
-            perceptual = self._lpips(reconstruction.float(), images.float(), normalize=True).mean()
+        if self.perceptual_loss is not None:
+            perceptual = self.perceptual_loss(reconstruction.float(), images.float())
             loss = loss + hp.perceptual_weight * perceptual
             logs["train/perceptual_loss"] = perceptual
 
@@ -138,7 +137,9 @@ class StageA(Stage):
         if adversarial:
             (discriminator_optimizer,) = discriminator_optimizers
             if grad_clip:
-                self.clip_gradients(discriminator_optimizer, gradient_clip_val=grad_clip, gradient_clip_algorithm="norm")
+                self.clip_gradients(
+                    discriminator_optimizer, gradient_clip_val=grad_clip, gradient_clip_algorithm="norm"
+                )
             # Raw step: Lightning counts every LightningOptimizer.step in global_step; global_step counts batches.
             discriminator_optimizer.optimizer.step()
         for scheduler in schedulers[: 1 + adversarial]:
@@ -164,7 +165,9 @@ class StageA(Stage):
         self.val_psnr_unquantized.update(reconstruction_unquantized, images)
         self.val_ssim.update(reconstruction, images)
         self.val_codebook.update(indices)
-        self.log("val/reconstruction_loss", F.mse_loss(reconstruction, images), batch_size=images.shape[0], sync_dist=True)
+        self.log(
+            "val/reconstruction_loss", F.mse_loss(reconstruction, images), batch_size=images.shape[0], sync_dist=True
+        )
 
     def on_validation_epoch_end(self) -> None:
         self.log("val/psnr", self.val_psnr.compute(), prog_bar=True)
@@ -190,28 +193,5 @@ class StageA(Stage):
         images = batch["image"][: self.hparams.num_logged_images]
         return {"input": images, "reconstruction": self.reconstruct(images)}
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # Enough to rebuild the bare network without this LightningModule (Stage B loads it like that).
-        checkpoint["vqgan_config"] = asdict(self.vqgan.config)
-
-
-def load_vqgan(checkpoint_path: str | Path, use_ema: bool = True) -> VQGAN:
-    """The VQGAN of a Stage A checkpoint, in eval mode; EMA weights when the checkpoint has them."""
-    path = Path(checkpoint_path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"Stage A checkpoint not found: {path}. Train Stage A first (see README) or fix the path in the YAML."
-        )
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    if "vqgan_config" not in checkpoint:
-        raise ValueError(f"{path} is not a Stage A checkpoint (it has no 'vqgan_config')")
-    vqgan = VQGAN(VQGANConfig(**checkpoint["vqgan_config"]))
-    ema_state = checkpoint.get("ema_state_dict") if use_ema else None
-    if ema_state is not None:
-        state = ema_state
-    else:
-        state = {k.removeprefix("vqgan."): v for k, v in checkpoint["state_dict"].items() if k.startswith("vqgan.")}
-    missing, unexpected = vqgan.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match its VQGAN config (missing {missing[:5]}, unexpected {unexpected[:5]})")
-    return vqgan.eval()
+    def checkpoint_configs(self) -> dict[str, Any]:
+        return {"vqgan": self.vqgan.config}

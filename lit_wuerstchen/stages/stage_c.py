@@ -2,112 +2,113 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from ..diffusion import DiffusionConfig, SamplingConfig, diffusion_loss
-from ..metrics import ShapesAlignment
-from ..models.stage_c import StageC as StageCNetwork
-from ..pipeline import WuerstchenPipeline
-from ..text_encoder import TextEncoder
-from .base import OptimizerConfig, Stage, as_dataclass
-from .stage_b import load_stage_b
+from ..checkpoints import RECORD, load_stage_b, load_text_encoder
+from ..diffusion import DiffusionConfig, SamplingConfig, decoder_sampling, prior_sampling
+from ..generation import PipelineConfig, WuerstchenPipeline
+from ..models.prior import Prior, PriorConfig
+from ..models.text_encoder import TextEncoderConfig
+from .base import DiffusionStage, OptimizerConfig, as_dataclass
 
 # Würstchen v2 fed Stage C with (x + 1) / 42 and sampling undid it with x * 42 - 1.
 V2_LATENT_MEAN, V2_LATENT_STD = -1.0, 42.0
 
 
-@dataclass
-class StageCConfig:
-    """Sizes of the prior (defaults: released Würstchen v2, ~994M parameters; the paper: 1280 wide, 16 deep)."""
-
-    width: int = 1536
-    depth: int = 32
-    heads: int = 24
-    r_embedding_dim: int = 64
-    dropout: float = 0.1
-    kernel_size: int = 3
-
-
-@dataclass
-class TextEncoderConfig:
-    """open_clip text tower: a pretrained tag (downloaded into the HF cache) or a local weights file."""
-
-    model_name: str = "ViT-bigG-14"
-    pretrained: str | None = "laion2b_s39b_b160k"
-    weights_file: str | None = None
-    model_config_file: str | None = None
-    final_layer_norm: bool = True
-    """Token states after the final LayerNorm (Würstchen v2) or before it (Stable Cascade)."""
-    context_length: int | None = None
-    """Tokens per prompt (None: the model's own, 77 for CLIP); short captions can use fewer."""
-
-
-class StageC(Stage):
+class StageC(DiffusionStage):
     """Trains the prior on the frozen compressor's semantic latents, conditioned on CLIP text hidden states.
 
     Args:
         stage_b_checkpoint: the Stage B checkpoint; its compressor (EMA) makes the training targets, and its
             decoder and Stage A decode validation samples. Sampling later finds Stage B through this path.
+        network: the prior; ``network.latent_channels`` must match the compressor's and ``network.text_channels``
+            the text encoder's width.
         latent_normalization: how semantic latents are scaled for the prior: "v2" (``(x + 1) / 42``, the released
             model) or "measured" (per-channel mean/std over ``normalization_batches`` training batches, measured
             once at the start of training and stored in the checkpoint).
         caption_drop_prob: captions replaced by "" (the unconditional prompt for classifier-free guidance).
-        validation_sampling / decoder_sampling: Stage C and Stage B sampling for validation images.
+        validation_sampling / decoder_sampling: Stage C and Stage B sampling for generated images.
     """
+
+    stage = "C"
 
     def __init__(
         self,
         stage_b_checkpoint: str,
-        network: StageCConfig = StageCConfig(),
+        network: PriorConfig = PriorConfig(),
         text_encoder: TextEncoderConfig = TextEncoderConfig(),
         diffusion: DiffusionConfig = DiffusionConfig(),
         optimizer: OptimizerConfig = OptimizerConfig(lr=1e-4, warmup_steps=10_000),
         caption_drop_prob: float = 0.05,
         latent_normalization: Literal["v2", "measured"] = "v2",
         normalization_batches: int = 20,
-        validation_sampling: SamplingConfig = SamplingConfig(t_list="stage_c_default", guidance_scale=4.0),
-        decoder_sampling: SamplingConfig = SamplingConfig(steps=12),
+        validation_sampling: SamplingConfig = prior_sampling(),
+        decoder_sampling: SamplingConfig = decoder_sampling(),
         num_logged_images: int = 8,
     ):
-        super().__init__()
+        super().__init__(diffusion, validation_sampling)
         self.save_hyperparameters()
-        network = as_dataclass(StageCConfig, network)
-        text_encoder = as_dataclass(TextEncoderConfig, text_encoder)
-        self.diffusion_config = as_dataclass(DiffusionConfig, diffusion)
+        network = as_dataclass(PriorConfig, network)
+        self.text_encoder_config = as_dataclass(TextEncoderConfig, text_encoder)
         self.optimizer_config = as_dataclass(OptimizerConfig, optimizer)
-        self.sampling_config = as_dataclass(SamplingConfig, validation_sampling)
         self.decoder_sampling_config = as_dataclass(SamplingConfig, decoder_sampling)
         self.store_plain_hparams(
-            network=network, text_encoder=text_encoder, diffusion=self.diffusion_config,
-            optimizer=self.optimizer_config, validation_sampling=self.sampling_config,
+            network=network,
+            text_encoder=self.text_encoder_config,
+            diffusion=self.diffusion_config,
+            optimizer=self.optimizer_config,
+            validation_sampling=self.sampling_config,
             decoder_sampling=self.decoder_sampling_config,
         )
 
-        decoder, compressor, stage_a, b_hparams = load_stage_b(stage_b_checkpoint)
-        self.compression = float(b_hparams["compression"])
-        self.decoder_diffusion = DiffusionConfig(**b_hparams["diffusion"])
-        for name, module in (("compressor", compressor), ("decoder", decoder), ("stage_a", stage_a),
-                             ("text_encoder", TextEncoder(**asdict(text_encoder)))):
-            self.hold_frozen(name, module)
-        self.text_encoder_is_random = text_encoder.pretrained is None and text_encoder.weights_file is None
+        stage_b = load_stage_b(stage_b_checkpoint, needed_by="Stage C")
+        self.decoder_diffusion_config = stage_b.diffusion
+        for name, module in (
+            ("compressor", stage_b.compressor),
+            ("decoder", stage_b.decoder),
+            ("stage_a", stage_b.stage_a),
+        ):
+            self.freeze(name, module)
+        # A randomly initialised text encoder (toy runs) must travel with the prior: it is saved in the checkpoint.
+        text_encoder = self.freeze(
+            "text_encoder", load_text_encoder(self.text_encoder_config), persistent=self.text_encoder_config.random_init
+        )
+        if network.latent_channels != stage_b.compressor.latent_channels:
+            raise ValueError(
+                f"network.latent_channels is {network.latent_channels}, but the Stage B compressor "
+                f"makes {stage_b.compressor.latent_channels}-channel latents"
+            )
+        if network.text_channels != text_encoder.width:
+            raise ValueError(
+                f"network.text_channels is {network.text_channels}, but the text encoder "
+                f"{self.text_encoder_config.model_name} gives {text_encoder.width}-wide hidden states; "
+                f"set model.init_args.network.text_channels: {text_encoder.width}"
+            )
+        self.prior = Prior(network)
 
-        self.prior = StageCNetwork(latent_channels=compressor.latent_channels, text_channels=self.text_encoder.width,
-                                   **asdict(network))
-        self.schedule, self.t_sampler, self.target, self.loss_weight = self.diffusion_config.build()
-        channels = compressor.latent_channels
+        channels = network.latent_channels
         v2 = latent_normalization == "v2"
         self.register_buffer("latent_mean", torch.full((channels,), V2_LATENT_MEAN if v2 else 0.0))
         self.register_buffer("latent_std", torch.full((channels,), V2_LATENT_STD if v2 else 1.0))
         self.register_buffer("normalization_ready", torch.tensor(v2))
-        self.val_alignment = ShapesAlignment()
         self.image_size: tuple[int, int] | None = None
 
-    def ema_network(self) -> nn.Module:
-        return self.prior
+    def trained_networks(self) -> dict[str, nn.Module]:
+        return {"prior": self.prior}
+
+    def checkpoint_configs(self) -> dict[str, Any]:
+        return {
+            "prior": self.prior.config,
+            "text_encoder": self.text_encoder_config,
+            "stage_b_checkpoint": str(self.hparams.stage_b_checkpoint),
+            "diffusion": self.diffusion_config,
+            "sampling": self.sampling_config,
+            "decoder_sampling": self.decoder_sampling_config,
+            "image_size": list(self.image_size) if self.image_size is not None else None,
+        }
 
     # --- semantic latents -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -138,72 +139,55 @@ class StageC(Stage):
     def on_train_start(self) -> None:
         if not bool(self.normalization_ready):
             self.measure_normalization(self.trainer.datamodule.train_dataloader())
-            self.print(f"semantic latent normalisation measured: mean {self.latent_mean.mean():.3f}, "
-                       f"std {self.latent_std.mean():.3f} (averaged over channels)")
+            self.print(
+                f"semantic latent normalisation measured: mean {self.latent_mean.mean():.3f}, "
+                f"std {self.latent_std.mean():.3f} (averaged over channels)"
+            )
 
     # --- training -------------------------------------------------------------------------------------------
-    def encode_captions(self, captions: list[str]) -> torch.Tensor:
-        hidden, _ = self.text_encoder(list(captions))
-        return hidden
+    def denoiser(self) -> nn.Module:
+        return self.prior
 
-    def diffusion_loss(self, images, captions, drop_captions: bool, generator=None) -> torch.Tensor:
-        """``generator`` (on the images' device) fixes t and the noise, for a comparable validation loss."""
-        if drop_captions and self.hparams.caption_drop_prob > 0:
-            # Host-side random numbers: no device sync in the training step.
-            keep = torch.rand(len(captions)) >= self.hparams.caption_drop_prob
-            captions = [caption if kept else "" for caption, kept in zip(captions, keep.tolist())]
-        x0 = self.semantic_latents(images)
-        text = self.encode_captions(captions)
-        t = self.t_sampler(x0.shape[0], generator=generator, device=x0.device)
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        prediction = self.prior(self.schedule.add_noise(x0, t, noise), t, text)
-        return diffusion_loss(prediction, self.target.target(x0, noise, t, self.schedule), self.loss_weight(t, self.schedule))
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        self.image_size = tuple(batch["image"].shape[-2:])  # recorded in checkpoints: the default sampling size
-        loss = self.diffusion_loss(batch["image"], batch["caption"], drop_captions=True)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
-        self.log_data_errors("train")
-        return loss
+    def diffusion_inputs(self, batch: dict, train: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Normalised semantic latents to denoise, conditioned on the text encoder's hidden states of the captions
+        (replaced by "" with ``caption_drop_prob`` in training, for guidance)."""
+        captions = list(batch["caption"])
+        if train:
+            self.image_size = tuple(batch["image"].shape[-2:])  # recorded in checkpoints: the default sampling size
+            if self.hparams.caption_drop_prob > 0:
+                # Host-side random numbers: no device sync in the training step.
+                keep = torch.rand(len(captions)) >= self.hparams.caption_drop_prob
+                captions = [caption if kept else "" for caption, kept in zip(captions, keep.tolist())]
+        x0 = self.semantic_latents(batch["image"])
+        text, _ = self.text_encoder(captions)
+        return x0, {"text": text}
 
     # --- sampling -------------------------------------------------------------------------------------------
     def pipeline(self) -> WuerstchenPipeline:
         """The inference pipeline over this module's (current) networks; shares their weights."""
-        return WuerstchenPipeline(
-            self.text_encoder, self.prior, self.decoder, self.stage_a, self.compression, self.latent_mean,
-            self.latent_std, self.diffusion_config, self.decoder_diffusion,
-        ).to(self.device)
+        config = PipelineConfig(
+            text_encoder=self.text_encoder_config,
+            prior=self.prior.config,
+            decoder=self.decoder.config,
+            stage_a=self.stage_a.config,
+            compression=self.compressor.compression,
+            latent_mean=self.latent_mean.tolist(),
+            latent_std=self.latent_std.tolist(),
+            prior_diffusion=self.diffusion_config,
+            decoder_diffusion=self.decoder_diffusion_config,
+            prior_sampling=self.sampling_config,
+            decoder_sampling=self.decoder_sampling_config,
+        )
+        return WuerstchenPipeline(self.text_encoder, self.prior, self.decoder, self.stage_a, config).to(self.device)
 
     @torch.no_grad()
     def generate(self, prompts: list[str], image_size: tuple[int, int], generator=None) -> torch.Tensor:
         was_training = self.prior.training
         self.prior.eval()
         try:
-            return self.pipeline().generate(prompts, *image_size, self.sampling_config, self.decoder_sampling_config,
-                                            generator=generator)
+            return self.pipeline().generate(prompts, *image_size, generator=generator)
         finally:
             self.prior.train(was_training)
-
-    # --- validation -----------------------------------------------------------------------------------------
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        images, captions = batch["image"], batch["caption"]
-        generator = torch.Generator(device=self.device).manual_seed(batch_idx)
-        loss = self.diffusion_loss(images, captions, drop_captions=False, generator=generator)
-        self.log("val/loss", loss, batch_size=len(captions), sync_dist=True)
-        generated = self.generate(captions, tuple(images.shape[-2:]), generator)
-        self.val_alignment.update(generated, captions)
-
-    def on_validation_epoch_end(self) -> None:
-        scores = self.val_alignment.compute()
-        if scores["count"] > 0:
-            for name, value in scores.items():
-                if name != "count":
-                    self.log(f"val/align_{name}", value)
-        self.val_alignment.reset()
-        self.log_data_errors("val")
-
-    test_step = validation_step
-    on_test_epoch_end = on_validation_epoch_end
 
     def evaluation_images(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
         return self.generate(batch["caption"], tuple(batch["image"].shape[-2:]), generator)
@@ -220,13 +204,6 @@ class StageC(Stage):
         images = self.generate(batch["prompt"], (int(batch["height"]), int(batch["width"])), generator)
         return {**batch, "images": images}
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self.image_size is not None:
-            checkpoint["image_size"] = list(self.image_size)
-        if self.text_encoder_is_random:  # a randomly initialised text encoder must travel with the prior
-            checkpoint["text_encoder_state_dict"] = {k: v.cpu() for k, v in self.text_encoder.state_dict().items()}
-
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.image_size = tuple(checkpoint["image_size"]) if "image_size" in checkpoint else None
-        if "text_encoder_state_dict" in checkpoint:
-            self.text_encoder.load_state_dict(checkpoint["text_encoder_state_dict"])
+        image_size = checkpoint.get(RECORD, {}).get("image_size")
+        self.image_size = tuple(image_size) if image_size else None

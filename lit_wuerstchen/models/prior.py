@@ -1,4 +1,5 @@
-"""Stage C: the text-conditional diffusion prior over the 16-channel semantic latent (DESIGN.md §2).
+"""Stage C's network: the text-conditional diffusion prior over the 16-channel semantic latent (docs/design.md
+"Stage C").
 
 Shape of diffusers' ``WuerstchenPrior`` (Würstchen v2): single resolution, no down-sampling, so any latent
 height/width works. ``depth`` x [ResBlock (depthwise conv, LN, MLP 4c + GRN, dropout) -> TimestepBlock (FiLM on a
@@ -13,63 +14,70 @@ Paper config: c=1280, depth 16, 16 heads, text = CLIP ViT-H-14 (1024).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from lit_wuerstchen.models.blocks import AttnBlock, LayerNorm2d, ResBlock, TimestepBlock, timestep_embedding
+from .blocks import AttnBlock, LayerNorm2d, ResBlock, TimestepBlock, timestep_embedding
 
 
-class StageC(nn.Module):
+@dataclass
+class PriorConfig:
+    """Sizes of the prior; the single source of its defaults (released Würstchen v2, ~994M parameters; the paper:
+    width 1280, depth 16, 16 heads, CLIP ViT-H text of 1024 channels)."""
+
+    latent_channels: int = 16
+    """Channels of the semantic latent it generates (the compressor's ``latent_channels``)."""
+    width: int = 1536
+    depth: int = 32
+    heads: int = 24
+    text_channels: int = 1280
+    """Width of the text encoder's hidden states (ViT-bigG-14: 1280)."""
+    r_embedding_dim: int = 64
+    dropout: float = 0.1
+    kernel_size: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("latent_channels", "width", "depth", "heads", "text_channels", "r_embedding_dim", "kernel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"prior {name} must be positive, got {getattr(self, name)}")
+        if self.width % self.heads:
+            raise ValueError(f"prior width {self.width} is not divisible by heads {self.heads}")
+        if self.kernel_size % 2 == 0:
+            raise ValueError(f"prior kernel_size must be odd (same-size padding), got {self.kernel_size}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"prior dropout must be in [0, 1), got {self.dropout}")
+
+
+class Prior(nn.Module):
     """Text-conditional prior: ``forward(x_t [B, C, h, w], r [B] in [0, 1], text [B, L, text_channels]) -> eps``."""
 
-    def __init__(
-        self,
-        latent_channels: int = 16,
-        width: int = 1536,
-        depth: int = 32,
-        heads: int = 24,
-        text_channels: int = 1280,
-        r_embedding_dim: int = 64,
-        dropout: float = 0.1,
-        kernel_size: int = 3,
-    ):
+    def __init__(self, config: PriorConfig | None = None):
         super().__init__()
-        for name, value in (
-            ("latent_channels", latent_channels),
-            ("width", width),
-            ("depth", depth),
-            ("heads", heads),
-            ("text_channels", text_channels),
-            ("r_embedding_dim", r_embedding_dim),
-            ("kernel_size", kernel_size),
-        ):
-            if value < 1:
-                raise ValueError(f"StageC {name} must be positive, got {value}")
-        if width % heads:
-            raise ValueError(f"StageC width {width} is not divisible by heads {heads}")
-        if kernel_size % 2 == 0:
-            raise ValueError(f"StageC kernel_size must be odd (same-size padding), got {kernel_size}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"StageC dropout must be in [0, 1), got {dropout}")
-        self.latent_channels = latent_channels
+        self.config = config = config or PriorConfig()
+        width = config.width
+        self.latent_channels = config.latent_channels
         self.width = width
-        self.r_embedding_dim = r_embedding_dim
-        self.text_channels = text_channels
+        self.r_embedding_dim = config.r_embedding_dim
+        self.text_channels = config.text_channels
 
-        self.embedding = nn.Conv2d(latent_channels, width, kernel_size=1)
+        self.embedding = nn.Conv2d(config.latent_channels, width, kernel_size=1)
         self.text_mapper = nn.Sequential(
-            nn.Linear(text_channels, width),
+            nn.Linear(config.text_channels, width),
             nn.LeakyReLU(0.2),
             nn.Linear(width, width),
         )
         self.blocks = nn.ModuleList()
-        for _ in range(depth):
-            self.blocks.append(ResBlock(width, kernel_size=kernel_size, dropout=dropout, grn=True))
-            self.blocks.append(TimestepBlock(width, r_embedding_dim))
-            self.blocks.append(AttnBlock(width, cond_channels=width, num_heads=heads, self_attn=True, dropout=dropout))
+        for _ in range(config.depth):
+            self.blocks.append(ResBlock(width, kernel_size=config.kernel_size, dropout=config.dropout, grn=True))
+            self.blocks.append(TimestepBlock(width, config.r_embedding_dim))
+            self.blocks.append(
+                AttnBlock(width, cond_channels=width, num_heads=config.heads, self_attn=True, dropout=config.dropout)
+            )
         self.out = nn.Sequential(
             LayerNorm2d(width, elementwise_affine=False, eps=1e-6),
-            nn.Conv2d(width, latent_channels * 2, kernel_size=1),
+            nn.Conv2d(width, config.latent_channels * 2, kernel_size=1),
         )
         self.reset_parameters()
 
@@ -100,9 +108,11 @@ class StageC(nn.Module):
 
     def forward(self, x_t: torch.Tensor, r: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         if x_t.ndim != 4 or x_t.shape[1] != self.latent_channels:
-            raise ValueError(f"StageC expects x_t of shape [B, {self.latent_channels}, h, w], got {tuple(x_t.shape)}")
+            raise ValueError(
+                f"the prior expects x_t of shape [B, {self.latent_channels}, h, w], got {tuple(x_t.shape)}"
+            )
         if text.ndim != 3 or text.shape[-1] != self.text_channels:
-            raise ValueError(f"StageC expects text of shape [B, L, {self.text_channels}], got {tuple(text.shape)}")
+            raise ValueError(f"the prior expects text of shape [B, L, {self.text_channels}], got {tuple(text.shape)}")
         r = r.reshape(-1)
         if r.numel() == 1 and x_t.shape[0] != 1:
             r = r.expand(x_t.shape[0])

@@ -1,4 +1,5 @@
-"""Stage B: diffusion decoder on the Stage A latent, conditioned on the semantic latent (v2 "DiffNeXt", DESIGN.md §2).
+"""Stage B's network: the diffusion decoder on the Stage A latent, conditioned on the semantic latent (v2 "DiffNeXt";
+docs/design.md "Stage B").
 
 Pure ``nn.Module``: no Lightning, no file I/O.
 """
@@ -6,13 +7,13 @@ Pure ``nn.Module``: no Lightning, no file I/O.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lit_wuerstchen.models.blocks import AttnBlock, LayerNorm2d, ResBlock, TimestepBlock, timestep_embedding
+from .blocks import AttnBlock, LayerNorm2d, ResBlock, TimestepBlock, timestep_embedding
 
 _EPS = 1e-3
 
@@ -50,7 +51,7 @@ def perturb_semantic(
     return out if out is not semantic else semantic.clone()
 
 
-class StageBBlock(nn.Module):
+class DiffNeXtBlock(nn.Module):
     """ResBlock (optional concatenated skip) -> TimestepBlock (FiLM on r) -> AttnBlock (if ``heads``)."""
 
     def __init__(
@@ -77,25 +78,82 @@ class StageBBlock(nn.Module):
         return x
 
 
-def _as_int_tuple(name: str, values: Sequence[int]) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in values)
-    except TypeError as err:
-        raise ValueError(f"{name} must be a list of integers, got {values!r}") from err
+@dataclass
+class DiffNeXtConfig:
+    """Sizes of the Stage B U-Net; the single source of its defaults (Würstchen v2 scale, ~0.85B parameters
+    without text). See :class:`DiffNeXt` for what each value shapes."""
+
+    latent_channels: int = 4
+    """Channels of the Stage A latent it denoises (Stage A's ``latent_channels``)."""
+    patch_size: int = 2
+    widths: list[int] = field(default_factory=lambda: [320, 640, 1280, 1280])
+    blocks: list[int] = field(default_factory=lambda: [4, 4, 14, 4])
+    heads: list[int] = field(default_factory=lambda: [0, 10, 20, 20])
+    """Attention heads per level (0: no attention at that level)."""
+    semantic_levels: list[int] = field(default_factory=lambda: [1, 2, 3])
+    """Levels whose residual blocks take the (resized, projected) semantic latent."""
+    semantic_channels: int = 16
+    """Channels of the semantic latent (the compressor's ``latent_channels``)."""
+    semantic_proj_channels: int | None = None
+    """Channels each level projects the semantic latent to (None: a quarter of the level's width)."""
+    text_channels: int = 0
+    """Width of text tokens fed to the attention blocks (0: no text conditioning)."""
+    r_embedding_dim: int = 64
+    kernel_size: int = 3
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        widths, blocks, heads = self.widths, self.blocks, self.heads
+        if not (len(widths) == len(blocks) == len(heads)) or not widths:
+            raise ValueError(
+                f"widths, blocks and heads need one entry per level and the same length, got "
+                f"{len(widths)} widths {widths}, {len(blocks)} blocks {blocks}, {len(heads)} heads {heads}"
+            )
+        if min(widths) < 1:
+            raise ValueError(f"widths must be positive, got {widths}")
+        if min(blocks) < 1:
+            raise ValueError(f"every level needs at least one block, got blocks={blocks}")
+        for i, (width, head) in enumerate(zip(widths, heads)):
+            if head < 0:
+                raise ValueError(f"heads must be >= 0 (0 = no attention), got heads={heads}")
+            if head and width % head:
+                raise ValueError(f"level {i}: width {width} is not divisible by {head} heads")
+        levels = self.semantic_levels
+        if any(not 0 <= i < len(widths) for i in levels) or len(set(levels)) != len(levels):
+            raise ValueError(
+                f"semantic_levels must be distinct level indices in [0, {len(widths) - 1}], got {levels} "
+                "(the default [1, 2, 3] assumes 4 levels; set it for other depths)"
+            )
+        for name in ("latent_channels", "patch_size", "semantic_channels", "r_embedding_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.semantic_proj_channels is not None and self.semantic_proj_channels < 1:
+            raise ValueError(f"semantic_proj_channels must be >= 1 or None, got {self.semantic_proj_channels}")
+        if self.text_channels < 0:
+            raise ValueError(f"text_channels must be >= 0 (0 = no text conditioning), got {self.text_channels}")
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd (same padding), got {self.kernel_size}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def divisor(self) -> int:
+        """The latent height and width must be multiples of this (``patch_size * 2 ** (levels - 1)``)."""
+        return self.patch_size * 2 ** (len(self.widths) - 1)
 
 
-class StageB(nn.Module):
+class DiffNeXt(nn.Module):
     """DiffNeXt-style U-Net predicting the noise in a Stage A latent, conditioned on the semantic latent.
 
     Layout::
 
         x_t [B, C, H, W] -> PixelUnshuffle(p) -> 1x1 conv -> LayerNorm2d                       (patchify)
-        down, level i = 0..L-1:  [downsample if i > 0] then blocks[i] x StageBBlock
-        up,   level i = L-1..0:  [upsample if i < L-1] then blocks[i] x StageBBlock
+        down, level i = 0..L-1:  [downsample if i > 0] then blocks[i] x DiffNeXtBlock
+        up,   level i = L-1..0:  [upsample if i < L-1] then blocks[i] x DiffNeXtBlock
         LayerNorm2d -> 1x1 conv to 2*C*p^2 -> PixelShuffle(p) -> a, b
         eps_pred = (x_t - a) / b,  b = sigmoid(.) * (1 - 2e-3) + 1e-3
 
-    A StageBBlock is ResBlock -> TimestepBlock -> AttnBlock (self-attention; text tokens appended to keys/values
+    A DiffNeXtBlock is ResBlock -> TimestepBlock -> AttnBlock (self-attention; text tokens appended to keys/values
     when ``text_channels > 0``; no attention where ``heads[i] == 0``). Downsample: LayerNorm2d + 2x2 stride-2 conv;
     upsample: LayerNorm2d + 2x2 stride-2 transposed conv. The deepest level runs ``blocks[-1]`` blocks on the way
     down and again on the way up.
@@ -117,35 +175,20 @@ class StageB(nn.Module):
     untrained network predicts ``eps = x_t / 0.5`` (the reference initialisation).
     """
 
-    def __init__(
-        self,
-        latent_channels: int = 4,
-        patch_size: int = 2,
-        widths: Sequence[int] = (320, 640, 1280, 1280),
-        blocks: Sequence[int] = (4, 4, 14, 4),
-        heads: Sequence[int] = (0, 10, 20, 20),
-        semantic_levels: Sequence[int] = (1, 2, 3),
-        semantic_channels: int = 16,
-        semantic_proj_channels: int | None = None,
-        text_channels: int = 0,
-        r_embedding_dim: int = 64,
-        kernel_size: int = 3,
-        dropout: float = 0.0,
-    ):
+    def __init__(self, config: DiffNeXtConfig | None = None):
         super().__init__()
-        widths, blocks, heads = _as_int_tuple("widths", widths), _as_int_tuple("blocks", blocks), _as_int_tuple("heads", heads)
-        semantic_levels = _as_int_tuple("semantic_levels", semantic_levels)
-        self._validate(latent_channels, patch_size, widths, blocks, heads, semantic_levels, semantic_channels,
-                       semantic_proj_channels, text_channels, r_embedding_dim, kernel_size, dropout)
-        self.latent_channels = latent_channels
-        self.patch_size = patch_size
+        self.config = config = config or DiffNeXtConfig()
+        widths, blocks, heads = tuple(config.widths), tuple(config.blocks), tuple(config.heads)
+        self.latent_channels = config.latent_channels
+        self.patch_size = patch_size = config.patch_size
         self.widths, self.blocks, self.heads = widths, blocks, heads
-        self.semantic_levels = tuple(sorted(semantic_levels))
-        self.semantic_channels = semantic_channels
-        self.text_channels = text_channels
-        self.r_embedding_dim = r_embedding_dim
+        self.semantic_levels = tuple(sorted(config.semantic_levels))
+        self.semantic_channels = config.semantic_channels
+        self.text_channels = text_channels = config.text_channels
+        self.r_embedding_dim = r_embedding_dim = config.r_embedding_dim
+        latent_channels, kernel_size, dropout = config.latent_channels, config.kernel_size, config.dropout
         levels = len(widths)
-        proj = {i: (semantic_proj_channels or max(1, widths[i] // 4)) for i in self.semantic_levels}
+        proj = {i: (config.semantic_proj_channels or max(1, widths[i] // 4)) for i in self.semantic_levels}
         uses_text = text_channels > 0 and any(heads)
         cond_channels = text_channels if uses_text else 0
 
@@ -155,16 +198,21 @@ class StageB(nn.Module):
             LayerNorm2d(widths[0], elementwise_affine=False, eps=1e-6),
         )
         self.text_mapper = (
-            nn.Sequential(nn.Linear(text_channels, text_channels), nn.LayerNorm(text_channels, elementwise_affine=False, eps=1e-6))
+            nn.Sequential(
+                nn.Linear(text_channels, text_channels),
+                nn.LayerNorm(text_channels, elementwise_affine=False, eps=1e-6),
+            )
             if uses_text
             else None
         )
         self.semantic_mappers = nn.ModuleDict(
-            {str(i): nn.Conv2d(semantic_channels, proj[i], kernel_size=1) for i in self.semantic_levels}
+            {str(i): nn.Conv2d(config.semantic_channels, proj[i], kernel_size=1) for i in self.semantic_levels}
         )
 
-        def block(i: int, skip: int) -> StageBBlock:
-            return StageBBlock(widths[i], skip + proj.get(i, 0), heads[i], r_embedding_dim, cond_channels, kernel_size, dropout)
+        def block(i: int, skip: int) -> DiffNeXtBlock:
+            return DiffNeXtBlock(
+                widths[i], skip + proj.get(i, 0), heads[i], r_embedding_dim, cond_channels, kernel_size, dropout
+            )
 
         self.down_levels = nn.ModuleList(nn.ModuleList(block(i, 0) for _ in range(blocks[i])) for i in range(levels))
         self.downsamplers = nn.ModuleList(
@@ -193,42 +241,6 @@ class StageB(nn.Module):
         )
         self._init_weights()
 
-    @staticmethod
-    def _validate(latent_channels, patch_size, widths, blocks, heads, semantic_levels, semantic_channels,
-                  semantic_proj_channels, text_channels, r_embedding_dim, kernel_size, dropout) -> None:
-        if not (len(widths) == len(blocks) == len(heads)) or not widths:
-            raise ValueError(
-                f"widths, blocks and heads need one entry per level and the same length, got "
-                f"{len(widths)} widths {widths}, {len(blocks)} blocks {blocks}, {len(heads)} heads {heads}"
-            )
-        if min(widths) < 1:
-            raise ValueError(f"widths must be positive, got {widths}")
-        if min(blocks) < 1:
-            raise ValueError(f"every level needs at least one block, got blocks={blocks}")
-        for i, (width, head) in enumerate(zip(widths, heads)):
-            if head < 0:
-                raise ValueError(f"heads must be >= 0 (0 = no attention), got heads={heads}")
-            if head and width % head:
-                raise ValueError(f"level {i}: width {width} is not divisible by {head} heads")
-        bad = [i for i in semantic_levels if not 0 <= i < len(widths)]
-        if bad or len(set(semantic_levels)) != len(semantic_levels):
-            raise ValueError(
-                f"semantic_levels must be distinct level indices in [0, {len(widths) - 1}], got {semantic_levels} "
-                "(the default (1, 2, 3) assumes 4 levels; set it for other depths)"
-            )
-        for name, value in (("latent_channels", latent_channels), ("patch_size", patch_size),
-                            ("semantic_channels", semantic_channels), ("r_embedding_dim", r_embedding_dim)):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if semantic_proj_channels is not None and semantic_proj_channels < 1:
-            raise ValueError(f"semantic_proj_channels must be >= 1 or None, got {semantic_proj_channels}")
-        if text_channels < 0:
-            raise ValueError(f"text_channels must be >= 0 (0 = no text conditioning), got {text_channels}")
-        if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be odd (same padding), got {kernel_size}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-
     def _init_weights(self) -> None:
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
@@ -246,7 +258,7 @@ class StageB(nn.Module):
     @property
     def divisor(self) -> int:
         """The latent height and width must be multiples of this (``patch_size * 2 ** (levels - 1)``)."""
-        return self.patch_size * 2 ** (len(self.widths) - 1)
+        return self.config.divisor
 
     def _check_inputs(self, x_t, r, semantic, text) -> None:
         if x_t.ndim != 4 or x_t.shape[1] != self.latent_channels:
@@ -264,11 +276,13 @@ class StageB(nn.Module):
             raise ValueError(f"semantic must be [{batch}, {self.semantic_channels}, h, w], got {tuple(semantic.shape)}")
         if text is not None:
             if self.text_channels == 0:
-                raise ValueError("text was given but this StageB has text_channels=0 (no text conditioning)")
+                raise ValueError("text was given but this DiffNeXt has text_channels=0 (no text conditioning)")
             if text.ndim != 3 or text.shape[0] != batch or text.shape[2] != self.text_channels:
                 raise ValueError(f"text must be [{batch}, L, {self.text_channels}], got {tuple(text.shape)}")
 
-    def _semantic_at(self, semantic: torch.Tensor, level: int, size: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    def _semantic_at(
+        self, semantic: torch.Tensor, level: int, size: tuple[int, int], dtype: torch.dtype
+    ) -> torch.Tensor:
         if tuple(semantic.shape[-2:]) != size:
             semantic = F.interpolate(semantic.float(), size=size, mode="bicubic", align_corners=False, antialias=True)
         return self.semantic_mappers[str(level)](semantic.to(dtype))

@@ -1,0 +1,357 @@
+"""Every load of network weights goes through here: Lightning checkpoints of the three stages, exported pipeline
+folders (safetensors + ``pipeline.json``), local weight files of pretrained parts (text tower, ImageNet backbones).
+
+Files are read on the CPU with ``torch.load(..., weights_only=True)`` (or safetensors): a checkpoint can carry
+tensors and plain Python values, never code. A file that cannot be used raises :class:`CheckpointError` with one
+line that names the file and says what was found against what was expected ("... is a Stage A checkpoint; Stage C
+needs a Stage B checkpoint"), never a bare ``EOFError`` or a dump of state-dict keys.
+
+Layout of a stage checkpoint (written by :meth:`lit_wuerstchen.stages.base.Stage.on_save_checkpoint`): Lightning's
+usual dict plus ``checkpoint["lit_wuerstchen"] = {"format": 1, "stage": "A" | "B" | "C", <the configs the loaders
+need, as dicts>}``. The trained networks' weights are under their attribute names in ``state_dict`` (``vqgan.``,
+``decoder.``/``compressor.``, ``prior.``) and, when the EMA callback ran, under the same keys in ``ema_state_dict``;
+frozen parts that must travel with a checkpoint (Stage A inside Stage B, a randomly initialised text encoder inside
+Stage C) are in ``state_dict`` under theirs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+import typing
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import open_clip.model
+import safetensors
+import safetensors.torch
+import torch
+import torchvision
+from torch import nn
+
+from .diffusion import DiffusionConfig, SamplingConfig
+from .generation import PipelineConfig, WuerstchenPipeline
+from .models.compressor import CompressorConfig, SemanticCompressor
+from .models.diffnext import DiffNeXt, DiffNeXtConfig
+from .models.prior import Prior, PriorConfig
+from .models.text_encoder import TextEncoder, TextEncoderConfig
+from .models.vqgan import VQGAN, VQGANConfig
+from .offline import resolve_open_clip_model, torchvision_weights_file
+
+FORMAT = 1
+RECORD = "lit_wuerstchen"
+STAGE_NAMES = {"A": "Stage A", "B": "Stage B", "C": "Stage C"}
+EXPORT_CONFIG = "pipeline.json"
+EXPORT_PARTS = ("text_encoder", "prior", "decoder", "stage_a")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or weights file that cannot be used; the message is one line naming the file."""
+
+
+# --- reading files ------------------------------------------------------------------------------------------------
+def _first_line(error: BaseException) -> str:
+    """The gist of a library's error: its first sentence of its first line."""
+    text = str(error).strip()
+    return text.splitlines()[0].split(". ")[0] if text else type(error).__name__
+
+
+def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
+    """The dict of a ``torch.save`` file, loaded on the CPU with ``weights_only=True``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}" + (" (a folder)" if path.is_dir() else ""))
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): an interrupted write?")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"{path} holds Python objects that are not loaded for safety (weights_only): {_first_line(error)}"
+        ) from None
+    except Exception as error:
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint (truncated or corrupt?): {_first_line(error)}"
+        ) from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
+    return checkpoint
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a weights file: ``.safetensors``, or a torch file holding a state dict (or a dict with one under
+    ``state_dict``)."""
+    path = Path(path)
+    if str(path).endswith(".safetensors"):
+        if not path.is_file():
+            raise CheckpointError(f"no weights file at {path}")
+        try:
+            return safetensors.torch.load_file(str(path))
+        except Exception as error:
+            raise CheckpointError(f"{path} is not a readable safetensors file: {_first_line(error)}") from None
+    try:
+        state = read_checkpoint(path, mmap=True)
+    except CheckpointError:  # the legacy (non-zip) torch format cannot be memory-mapped
+        state = read_checkpoint(path)
+    if isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    return state
+
+
+def load_weights(module: nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike, what: str) -> None:
+    """``module.load_state_dict(state)`` (strict); a mismatch is one line, not a key dump."""
+    try:
+        result = module.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # tensors of other shapes
+        detail = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), _first_line(error))
+        raise CheckpointError(f"{source}: the {what} weights do not match its config: {detail}") from None
+    if result.missing_keys or result.unexpected_keys:
+        parts = []
+        if result.missing_keys:
+            parts.append(f"{len(result.missing_keys)} missing (e.g. {result.missing_keys[0]!r})")
+        if result.unexpected_keys:
+            parts.append(f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[0]!r})")
+        raise CheckpointError(f"{source}: the {what} weights do not match its config: {', '.join(parts)} tensors")
+
+
+def config_from_dict(cls: type, data: Any, source: str | os.PathLike, where: str = "") -> Any:
+    """A config dataclass (nested ones included) from its ``asdict`` form; unknown or missing keys are one line."""
+    where = where or cls.__name__
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{source}: {where} should be a mapping, found {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise CheckpointError(f"{source}: unknown {where} setting(s) {unknown} (written by a newer lit_wuerstchen?)")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in data.items():
+        hint = hints[name]
+        nested = dataclasses.is_dataclass(hint)
+        values[name] = config_from_dict(hint, value, source, f"{where}.{name}") if nested else value
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{source}: invalid {where}: {_first_line(error)}") from None
+
+
+# --- stage checkpoints --------------------------------------------------------------------------------------------
+def stage_record(stage: str, **parts: Any) -> dict[str, Any]:
+    """The ``lit_wuerstchen`` record a stage adds to its checkpoints (configs as plain dicts)."""
+    return {
+        "format": FORMAT,
+        "stage": stage,
+        **{k: asdict(v) if dataclasses.is_dataclass(v) else v for k, v in parts.items()},
+    }
+
+
+def read_stage_checkpoint(path: str | os.PathLike, stage: str, needed_by: str = "") -> tuple[dict, dict]:
+    """``(checkpoint, record)`` of a ``stage`` ("A", "B", "C") checkpoint; anything else is a one-line error."""
+    wanted = STAGE_NAMES[stage]
+    purpose = f"{needed_by} needs a {wanted} checkpoint" if needed_by else f"expected a {wanted} checkpoint"
+    if not Path(path).is_file():
+        raise CheckpointError(f"{wanted} checkpoint not found: {path} ({purpose}; train it first or fix the path)")
+    checkpoint = read_checkpoint(path)
+    record = checkpoint.get(RECORD)
+    if not isinstance(record, dict) or "stage" not in record:
+        found = "a weights file" if "state_dict" not in checkpoint else "a checkpoint"
+        raise CheckpointError(f"{path} is {found} without a lit_wuerstchen record, not a stage checkpoint; {purpose}")
+    if record.get("format") != FORMAT:
+        raise CheckpointError(f"{path} has checkpoint format {record.get('format')}, this version reads {FORMAT}")
+    if record["stage"] != stage:
+        found = STAGE_NAMES.get(record["stage"], repr(record["stage"]))
+        raise CheckpointError(f"{path} is a {found} checkpoint; {purpose}")
+    return checkpoint, record
+
+
+def network_weights(checkpoint: dict, prefix: str, use_ema: bool, source: str | os.PathLike) -> dict:
+    """The weights of the network stored under ``prefix`` (its attribute name): the EMA average when ``use_ema`` and
+    the checkpoint has one, else the trained (or frozen) weights."""
+    weights = checkpoint.get("ema_state_dict") if use_ema else None
+    if weights is None or not any(k.startswith(prefix + ".") for k in weights):
+        weights = checkpoint.get("state_dict", {})
+    state = {k[len(prefix) + 1 :]: v for k, v in weights.items() if k.startswith(prefix + ".")}
+    if not state:
+        raise CheckpointError(f"{source} holds no {prefix} weights")
+    return state
+
+
+def load_stage_a(path: str | os.PathLike, use_ema: bool = True, needed_by: str = "") -> VQGAN:
+    """The VQGAN of a Stage A checkpoint, in eval mode (EMA weights when present)."""
+    checkpoint, record = read_stage_checkpoint(path, "A", needed_by)
+    vqgan = VQGAN(config_from_dict(VQGANConfig, record["vqgan"], path))
+    load_weights(vqgan, network_weights(checkpoint, "vqgan", use_ema, path), path, "Stage A")
+    return vqgan.eval()
+
+
+@dataclass
+class StageBParts:
+    """What a Stage B checkpoint holds, built: the decoder, the compressor and the frozen Stage A (eval mode),
+    and the settings Stage C and sampling need."""
+
+    decoder: DiffNeXt
+    compressor: SemanticCompressor
+    stage_a: VQGAN
+    compression: float
+    diffusion: DiffusionConfig
+    sampling: SamplingConfig
+
+
+def load_stage_b(path: str | os.PathLike, use_ema: bool = True, needed_by: str = "") -> StageBParts:
+    """The networks of a Stage B checkpoint (EMA weights of decoder and compressor when present)."""
+    checkpoint, record = read_stage_checkpoint(path, "B", needed_by)
+    compressor_config = dataclasses.replace(
+        config_from_dict(CompressorConfig, record["compressor"], path), pretrained=False
+    )  # its weights are in the checkpoint
+    decoder = DiffNeXt(config_from_dict(DiffNeXtConfig, record["decoder"], path))
+    compressor = SemanticCompressor(compressor_config, record["compression"])
+    stage_a = VQGAN(config_from_dict(VQGANConfig, record["stage_a"], path))
+    load_weights(stage_a, network_weights(checkpoint, "stage_a", False, path), path, "Stage A")
+    load_weights(decoder, network_weights(checkpoint, "decoder", use_ema, path), path, "Stage B decoder")
+    load_weights(compressor, network_weights(checkpoint, "compressor", use_ema, path), path, "compressor")
+    return StageBParts(
+        decoder.eval(),
+        compressor.eval(),
+        stage_a.eval(),
+        float(record["compression"]),
+        config_from_dict(DiffusionConfig, record["diffusion"], path),
+        config_from_dict(SamplingConfig, record["sampling"], path),
+    )
+
+
+# --- pretrained parts ---------------------------------------------------------------------------------------------
+def load_torchvision_weights(weights: Any) -> dict[str, torch.Tensor]:
+    """State dict of a torchvision ``WeightsEnum`` member from torch's hub cache (offline-aware, see
+    :func:`lit_wuerstchen.offline.torchvision_weights_file`)."""
+    return read_state_dict(torchvision_weights_file(weights))
+
+
+def build_compressor(config: CompressorConfig, compression: float) -> SemanticCompressor:
+    """The semantic compressor, from torchvision's ImageNet weights when ``config.pretrained``."""
+    compressor = SemanticCompressor(config, compression)
+    if config.pretrained:
+        weights = torchvision.models.get_model_weights(config.backbone).IMAGENET1K_V1
+        state = {
+            k.removeprefix("features."): v
+            for k, v in load_torchvision_weights(weights).items()
+            if k.startswith("features.")
+        }
+        load_weights(compressor.backbone, state, torchvision_weights_file(weights), config.backbone)
+    return compressor
+
+
+_TEXT_PREFIXES = ("", "text.", "module.", "module.text.", "model.", "model.text.")
+
+
+def load_text_encoder(config: TextEncoderConfig) -> TextEncoder:
+    """The text encoder with the weights its config names (``weights_file``, else the ``pretrained`` tag from the
+    local cache; neither: random). A missing file fails before the tower is built."""
+    _, weights_file = resolve_open_clip_model(
+        config.model_name, config.pretrained, config.weights_file, config.model_config_file
+    )
+    encoder = TextEncoder(config)
+    if weights_file is None:
+        return encoder
+    keys = set(encoder.text.state_dict())
+    state = {}
+    for key, value in read_state_dict(weights_file).items():  # a full CLIP file: keep the text tower's tensors
+        name = next((key[len(p) :] for p in _TEXT_PREFIXES if key.startswith(p) and key[len(p) :] in keys), None)
+        if name is not None:
+            state[name] = value
+    if not state:
+        raise CheckpointError(f"{weights_file} holds no text-tower weights for {config.model_name!r}")
+    open_clip.model.resize_text_pos_embed(state, encoder.text)
+    load_weights(encoder.text, state, weights_file, f"{config.model_name} text tower")
+    return encoder
+
+
+# --- pipelines ----------------------------------------------------------------------------------------------------
+def load_pipeline(
+    path: str | os.PathLike,
+    stage_b_checkpoint: str | os.PathLike | None = None,
+    stage_a_checkpoint: str | os.PathLike | None = None,
+    use_ema: bool = True,
+) -> WuerstchenPipeline:
+    """A frozen pipeline in eval mode from an exported folder or a Stage C checkpoint (whose Stage B, holding its
+    frozen Stage A, is found through the path it was trained with). ``stage_b_checkpoint`` / ``stage_a_checkpoint``
+    replace those parts."""
+    path = Path(path)
+    if path.is_dir():
+        pipeline = _pipeline_from_export(path)
+        if stage_b_checkpoint is not None:
+            raise CheckpointError(f"{path} is an exported pipeline: its Stage B cannot be replaced; export again")
+    elif path.is_file():
+        pipeline = _pipeline_from_stage_c(path, stage_b_checkpoint, use_ema)
+    else:
+        raise CheckpointError(f"no Stage C checkpoint or exported pipeline at {path}")
+    if stage_a_checkpoint is not None:
+        pipeline.stage_a = load_stage_a(stage_a_checkpoint, use_ema, needed_by="--stage_a_ckpt")
+        pipeline.config.stage_a = pipeline.stage_a.config
+    return pipeline.requires_grad_(False).eval()
+
+
+def _pipeline_from_stage_c(path: Path, stage_b_checkpoint: str | os.PathLike | None, use_ema: bool):
+    checkpoint, record = read_stage_checkpoint(path, "C", needed_by="sampling")
+    stage_b_path = stage_b_checkpoint or record["stage_b_checkpoint"]
+    stage_b = load_stage_b(stage_b_path, use_ema, needed_by=f"the Stage C checkpoint {path}")
+    state = checkpoint["state_dict"]
+    config = PipelineConfig(
+        text_encoder=config_from_dict(TextEncoderConfig, record["text_encoder"], path),
+        prior=config_from_dict(PriorConfig, record["prior"], path),
+        decoder=stage_b.decoder.config,
+        stage_a=stage_b.stage_a.config,
+        compression=stage_b.compression,
+        latent_mean=state["latent_mean"].flatten().tolist(),
+        latent_std=state["latent_std"].flatten().tolist(),
+        prior_diffusion=config_from_dict(DiffusionConfig, record["diffusion"], path),
+        decoder_diffusion=stage_b.diffusion,
+        prior_sampling=config_from_dict(SamplingConfig, record["sampling"], path),
+        decoder_sampling=config_from_dict(SamplingConfig, record["decoder_sampling"], path),
+        image_size=record.get("image_size"),
+    )
+    if config.text_encoder.random_init:  # its weights travel with Stage C
+        text_encoder = TextEncoder(config.text_encoder)
+        load_weights(text_encoder, network_weights(checkpoint, "text_encoder", False, path), path, "text encoder")
+    else:
+        text_encoder = load_text_encoder(config.text_encoder)
+    prior = Prior(config.prior)
+    load_weights(prior, network_weights(checkpoint, "prior", use_ema, path), path, "Stage C prior")
+    return WuerstchenPipeline(text_encoder, prior, stage_b.decoder, stage_b.stage_a, config)
+
+
+def save_pipeline(pipeline: WuerstchenPipeline, directory: str | os.PathLike) -> Path:
+    """A self-contained pipeline folder: one safetensors file per part and ``pipeline.json`` (the
+    :class:`PipelineConfig`)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in EXPORT_PARTS:
+        state = {k: v.detach().cpu().contiguous() for k, v in getattr(pipeline, name).state_dict().items()}
+        safetensors.torch.save_file(state, directory / f"{name}.safetensors")
+    (directory / EXPORT_CONFIG).write_text(json.dumps(asdict(pipeline.config), indent=2) + "\n")
+    return directory
+
+
+def _pipeline_from_export(directory: Path) -> WuerstchenPipeline:
+    config_path = directory / EXPORT_CONFIG
+    if not config_path.is_file():
+        raise CheckpointError(f"{directory} is not an exported pipeline (no {EXPORT_CONFIG})")
+    try:
+        data = json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{config_path} is not valid JSON: {error}") from None
+    config = config_from_dict(PipelineConfig, data, config_path)
+    parts = {
+        "text_encoder": TextEncoder(config.text_encoder),  # every weight comes from the export
+        "prior": Prior(config.prior),
+        "decoder": DiffNeXt(config.decoder),
+        "stage_a": VQGAN(config.stage_a),
+    }
+    for name, module in parts.items():
+        file = directory / f"{name}.safetensors"
+        load_weights(module, read_state_dict(file), file, name)
+    return WuerstchenPipeline(**parts, config=config)
