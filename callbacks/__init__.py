@@ -1,19 +1,20 @@
 """Lightning callbacks of lit_wuerstchen (installed as ``lit_wuerstchen.callbacks``): EMA of the trained networks,
-image logging, crash checkpoints, evaluation (FID, CLIP score, shapes alignment) and the prediction writer."""
+image logging, how a run ends (finished, preempted, crashed), evaluation (FID, CLIP score, shapes alignment) and the
+prediction writer."""
 
-from .crash_checkpoint import CrashCheckpoint
 from .ema import EMA
 from .evaluation import CLIPScoreEvaluation, FIDEvaluation
 from .image_logger import ImageLogger
+from .lifecycle import RunLifecycle
 from .sample_writer import SampleWriter
 from .shapes_alignment import ShapesAlignmentEvaluation
 
 __all__ = [
     "EMA",
     "CLIPScoreEvaluation",
-    "CrashCheckpoint",
     "FIDEvaluation",
     "ImageLogger",
+    "RunLifecycle",
     "SampleWriter",
     "ShapesAlignmentEvaluation",
 ]

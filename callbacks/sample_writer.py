@@ -3,22 +3,38 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from lit_wuerstchen.errors import ConfigError
 from lit_wuerstchen.sample import write_samples
 
 
 class SampleWriter(BasePredictionWriter):
-    def __init__(self, out_dir: str = "outputs/samples"):
+    """``out_dir`` must not hold an earlier ``samples.jsonl`` or ``images/`` unless ``overwrite`` (checked when the
+    callback is built, before any sample is made)."""
+
+    def __init__(self, out_dir: str = "outputs/samples", overwrite: bool = False):
         super().__init__(write_interval="batch")
         self.out_dir = Path(out_dir)
+        earlier = [p for p in (self.out_dir / "samples.jsonl", self.out_dir / "images") if p.exists()]
+        if earlier and not overwrite:
+            raise ConfigError(
+                f"{self.out_dir} already holds samples ({earlier[0].name}): choose another out_dir or set "
+                f"overwrite: true"
+            )
+        self.overwrite = overwrite
 
     def _part(self, trainer) -> Path:
         return self.out_dir / f"samples.rank{trainer.global_rank}.jsonl"
 
     def on_predict_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero and self.overwrite:  # asked for: no earlier image survives next to the new ones
+            (self.out_dir / "samples.jsonl").unlink(missing_ok=True)
+            shutil.rmtree(self.out_dir / "images", ignore_errors=True)
+        trainer.strategy.barrier()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._part(trainer).unlink(missing_ok=True)
 

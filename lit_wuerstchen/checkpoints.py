@@ -33,6 +33,7 @@ import torchvision
 from torch import nn
 
 from .diffusion import DiffusionConfig, SamplingConfig
+from .errors import CheckpointError
 from .generation import PipelineConfig, WuerstchenPipeline
 from .models.compressor import CompressorConfig, SemanticCompressor
 from .models.diffnext import DiffNeXt, DiffNeXtConfig
@@ -46,10 +47,6 @@ RECORD = "lit_wuerstchen"
 STAGE_NAMES = {"A": "Stage A", "B": "Stage B", "C": "Stage C"}
 EXPORT_CONFIG = "pipeline.json"
 EXPORT_PARTS = ("text_encoder", "prior", "decoder", "stage_a")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint or weights file that cannot be used; the message is one line naming the file."""
 
 
 # --- reading files ------------------------------------------------------------------------------------------------
@@ -156,7 +153,10 @@ def read_stage_checkpoint(path: str | os.PathLike, stage: str, needed_by: str = 
     purpose = f"{needed_by} needs a {wanted} checkpoint" if needed_by else f"expected a {wanted} checkpoint"
     if not Path(path).is_file():
         raise CheckpointError(f"{wanted} checkpoint not found: {path} ({purpose}; train it first or fix the path)")
-    checkpoint = read_checkpoint(path)
+    try:  # memory-mapped: reading the record of a large checkpoint costs little
+        checkpoint = read_checkpoint(path, mmap=True)
+    except CheckpointError:
+        checkpoint = read_checkpoint(path)  # the legacy (non-zip) torch format cannot be memory-mapped
     record = checkpoint.get(RECORD)
     if not isinstance(record, dict) or "stage" not in record:
         found = "a weights file" if "state_dict" not in checkpoint else "a checkpoint"
@@ -333,6 +333,10 @@ def save_pipeline(pipeline: WuerstchenPipeline, directory: str | os.PathLike) ->
         state = {k: v.detach().cpu().contiguous() for k, v in getattr(pipeline, name).state_dict().items()}
         safetensors.torch.save_file(state, directory / f"{name}.safetensors")
     (directory / EXPORT_CONFIG).write_text(json.dumps(asdict(pipeline.config), indent=2) + "\n")
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in directory.iterdir():  # ordinary permissions (safetensors writes 0600), as any file the user makes
+        file.chmod(0o666 & ~umask)
     return directory
 
 

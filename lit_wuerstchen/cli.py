@@ -3,6 +3,7 @@ sweep."""
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
@@ -10,12 +11,15 @@ import lightning as L
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from .callbacks import EMA, CrashCheckpoint, ImageLogger
-from .checkpoints import CheckpointError
+from .callbacks import EMA, ImageLogger, RunLifecycle
 from .data.cli import main as data_main
+from .errors import ConfigError, LitWuerstchenError, PreemptedError, show_tracebacks, user_error
 from .evaluation.report import main as evaluate_main
+from .runs import SaveRunConfig, check_image_sizes, prepare_fit
 from .sample import main_export, main_sample
+from .stages.base import Stage
 from .sweep import main as sweep_main
 
 OVERVIEW = """\
@@ -47,7 +51,7 @@ NAMED_CALLBACKS = {
     "lr_monitor": LearningRateMonitor,
     "ema": EMA,
     "image_logger": ImageLogger,
-    "crash_checkpoint": CrashCheckpoint,
+    "lifecycle": RunLifecycle,
 }
 
 
@@ -67,11 +71,42 @@ def default_config() -> Path:
 
 class WuerstchenCLI(LightningCLI):
     """LightningCLI with our defaults: subclass mode for model and data, omegaconf+ interpolation, the named
-    callback groups, and ``experiments/common/defaults.yaml`` as the default config of every subcommand."""
+    callback groups, ``experiments/common/defaults.yaml`` as the default config of every subcommand, the run-folder
+    checks of :mod:`lit_wuerstchen.runs` before anything is built, and errors as one line."""
 
     def add_arguments_to_parser(self, parser) -> None:
         for name, callback in NAMED_CALLBACKS.items():
             parser.add_lightning_class_args(callback, name)
+        parser.add_argument(
+            "--overwrite_run", type=bool, default=False, help="fit: replace a run folder that already holds a run"
+        )
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        model_class = _stage_class((config.get("model") or {}).get("class_path"))
+        if model_class is None:
+            return
+        check_image_sizes(config, model_class)
+        if self.subcommand == "fit":
+            prepare_fit(config, model_class)
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except LitWuerstchenError:
+            raise
+        except (ValueError, TypeError, FileNotFoundError, RuntimeError) as error:
+            # an invalid setting found while building the model, data or trainer: a config error, not a crash
+            raise ConfigError(_root_message(error)) from error
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except SIGTERMException as error:
+            checkpoint = Path(self.trainer.log_dir or ".") / "checkpoints" / "last.ckpt"
+            raise PreemptedError(
+                f"stopped by a signal after step {self.trainer.global_step}; resume with --ckpt_path {checkpoint}"
+            ) from error
 
     def _parse_ckpt_path(self) -> None:
         # Lightning would apply the checkpoint's saved hyper-parameters *over* the given configs and flags, so
@@ -98,7 +133,7 @@ def run_lightning_cli(args: list[str] | None = None, run: bool = True) -> Wuerst
             if run
             else subcommand_settings  # no subcommands: the main parser is the one that reads the configs
         ),
-        save_config_kwargs={"overwrite": True},
+        save_config_callback=SaveRunConfig,
         auto_configure_optimizers=False,
         args=args,
         run=run,
@@ -124,21 +159,30 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[argv[0]](argv[1:])
     try:
         run_lightning_cli(None if from_command_line else argv)
-    except Exception as error:
-        cause = checkpoint_error(error)
-        if cause is None:
+    except BaseException as error:
+        found = user_error(error)
+        if found is None or show_tracebacks():
             raise
-        print(f"error: {cause}", file=sys.stderr)
-        return 2
+        lines = str(found).strip().splitlines() or [type(found).__name__]
+        print("error: " + "\n  ".join(lines[:3]), file=sys.stderr)
+        return found.exit_code
     return 0
 
 
-def checkpoint_error(error: BaseException) -> CheckpointError | None:
-    """The CheckpointError behind ``error`` (jsonargparse wraps errors raised while instantiating a model)."""
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, CheckpointError):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
+def _stage_class(class_path: object) -> type[Stage] | None:
+    """The Stage subclass a model ``class_path`` names (None for anything else)."""
+    if not isinstance(class_path, str) or "." not in class_path:
+        return None
+    module, _, name = class_path.rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None  # jsonargparse reports it
+    return found if isinstance(found, type) and issubclass(found, Stage) else None
+
+
+def _root_message(error: BaseException) -> str:
+    """The innermost cause's message (jsonargparse wraps errors raised while building a class several times)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return str(error).strip() or type(error).__name__

@@ -49,13 +49,14 @@ def _fit_stage(stage: str, extra: list[str]) -> dict:
         "minutes": (time.perf_counter() - start) / 60,
         "log_dir": Path(cli.trainer.log_dir),
         "metrics": {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")},
+        "val_shards": cli.datamodule.val_urls(),
     }
 
 
-def _held_out_prompts(count: int) -> list[str]:
-    """Captions of the synthetic set's validation split (data/shapes/, never trained on)."""
+def _held_out_prompts(val_shards: list[str], count: int) -> list[str]:
+    """Captions of the synthetic set's validation split (never trained on)."""
     prompts = []
-    for shard in sorted(Path("data/shapes").glob("val-*.tar")):
+    for shard in val_shards:
         for sample in iter_shard(str(shard)):
             prompts.append(sample["txt"].decode())
             if len(prompts) == count:
@@ -63,12 +64,10 @@ def _held_out_prompts(count: int) -> list[str]:
     return prompts
 
 
-def _sample(stage_c_checkpoint: Path) -> dict:
-    if SAMPLES_DIR.exists():
-        shutil.rmtree(SAMPLES_DIR)
-    SAMPLES_DIR.mkdir(parents=True)
-    prompts_file = SAMPLES_DIR / "prompts.txt"
-    prompts_file.write_text("\n".join(_held_out_prompts(NUM_PROMPTS)) + "\n")
+def _sample(stage_c_checkpoint: Path, val_shards: list[str]) -> dict:
+    prompts_file = SAMPLES_DIR.parent / "demo_prompts.txt"
+    prompts_file.parent.mkdir(parents=True, exist_ok=True)
+    prompts_file.write_text("\n".join(_held_out_prompts(val_shards, NUM_PROMPTS)) + "\n")
     start = time.perf_counter()
     code = main_sample(
         [
@@ -82,6 +81,7 @@ def _sample(stage_c_checkpoint: Path) -> dict:
             "16",
             "--seed",
             "0",
+            "--overwrite",  # the demo's samples folder is replaced on every demo run
         ]
     )
     if code:
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     total_start = time.perf_counter()
     runs = [_fit_stage(stage, extra) for stage in STAGES]
-    sampled = _sample(runs[-1]["log_dir"] / "checkpoints" / "last.ckpt")
+    sampled = _sample(runs[-1]["log_dir"] / "checkpoints" / "last.ckpt", runs[-1]["val_shards"])
 
     print("\n=== lit_wuerstchen demo finished ===")
     for run in runs:

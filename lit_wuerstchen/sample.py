@@ -6,17 +6,19 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torchvision
 from tqdm.auto import tqdm
 
-from .checkpoints import CheckpointError, load_pipeline, save_pipeline
+from .checkpoints import load_pipeline, save_pipeline
 from .data.prompts import read_prompts
 from .diffusion import SamplingConfig
+from .errors import LitWuerstchenError
 from .generation import check_image_size
+from .runs import claim_output
 
 DEFAULT_IMAGE_SIZE = 256
 
@@ -63,6 +65,7 @@ def build_sample_parser(prog: str) -> argparse.ArgumentParser:
     decoder.add_argument("--decoder_guidance", type=float)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... or auto")
     parser.add_argument("--no_ema", action="store_true", help="use the trained weights instead of their EMA")
+    parser.add_argument("--overwrite", action="store_true", help="replace what OUT already holds")
     return parser
 
 
@@ -93,6 +96,7 @@ def run_sample(args: argparse.Namespace) -> int:
         print("error: --images_per_prompt and --batch_size must be >= 1", file=sys.stderr)
         return 2
     prompts = [prompt for prompt in prompts for _ in range(args.images_per_prompt)]
+    out = claim_output(args.out, args.overwrite)  # before the model is loaded
 
     pipeline = load_pipeline(args.ckpt, args.stage_b_ckpt, args.stage_a_ckpt, use_ema=not args.no_ema)
     pipeline = pipeline.to(_device(args.device))
@@ -105,15 +109,13 @@ def run_sample(args: argparse.Namespace) -> int:
         config.decoder_sampling, args.decoder_sampler, args.decoder_steps, args.decoder_guidance
     )
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     settings = {
         "height": height,
         "width": width,
         "negative_prompt": args.negative_prompt,
         "checkpoint": str(args.ckpt),
-        "prior_sampling": asdict(prior_sampling),
-        "decoder_sampling": asdict(decoder_sampling),
+        "prior_sampling": prior_sampling.used(),
+        "decoder_sampling": decoder_sampling.used(),
     }
     records = []
     start = time.perf_counter()
@@ -125,9 +127,10 @@ def run_sample(args: argparse.Namespace) -> int:
         images = pipeline.generate(
             batch, height, width, prior_sampling, decoder_sampling, args.negative_prompt, generator
         )
-        records += write_samples(out, images, batch, range(first, first + len(batch)), {"seed": seed, **settings})
-        # The manifest is rewritten after every batch: an interrupted job keeps what it made.
-        (out / "samples.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+        new = write_samples(out, images, batch, range(first, first + len(batch)), {"seed": seed, **settings})
+        records += new
+        with open(out / "samples.jsonl", "a") as manifest:  # appended per batch: an interrupted job keeps its images
+            manifest.writelines(json.dumps(record) + "\n" for record in new)
     elapsed = time.perf_counter() - start
     print(
         f"wrote {len(records)} images to {out / 'images'} and {out / 'samples.jsonl'} "
@@ -147,12 +150,14 @@ def build_export_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--stage_a_ckpt", help="override the Stage A inside the Stage B checkpoint")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--no_ema", action="store_true", help="export the trained weights instead of their EMA")
+    parser.add_argument("--overwrite", action="store_true", help="replace what OUT already holds")
     return parser
 
 
 def run_export(args: argparse.Namespace) -> int:
+    out = claim_output(args.out, args.overwrite)  # before the model is loaded
     pipeline = load_pipeline(args.ckpt, args.stage_b_ckpt, args.stage_a_ckpt, use_ema=not args.no_ema)
-    out = save_pipeline(pipeline, args.out)
+    out = save_pipeline(pipeline, out)
     print(f"exported the pipeline to {out}")
     return 0
 
@@ -169,6 +174,6 @@ def _guarded(command, args: argparse.Namespace) -> int:
     """Missing or wrong checkpoints and files end with a one-line error, not a traceback."""
     try:
         return command(args)
-    except (FileNotFoundError, ValueError, CheckpointError) as error:
+    except (FileNotFoundError, ValueError, LitWuerstchenError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

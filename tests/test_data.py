@@ -426,14 +426,16 @@ def test_prepare_data_generates_once_and_regenerates_on_change(tmp_path, caplog)
               resize_to=24, batch_size=4, num_workers=0, train_batches_per_epoch=2, shuffle_buffer=4)  # fmt: skip
     dm = ShardDataModule(**kw)
     dm.prepare_data()
-    manifest = tmp_path / "shapes" / "manifest.json"
+    manifest = tmp_path / "shapes" / "24px_n40_v8_s0" / "manifest.json"  # the set's folder names its parameters
+    assert dm.synthetic_set == str(manifest.parent)
     assert json.loads(manifest.read_text())["args"]["resolution"] == 24
     stamp = manifest.stat().st_mtime_ns
     ShardDataModule(**kw).prepare_data()
     assert manifest.stat().st_mtime_ns == stamp and "reusing" in caplog.text
     dm = ShardDataModule(**{**kw, "synthetic_seed": 5})
-    dm.prepare_data()
-    assert "regenerating" in caplog.text and json.loads(manifest.read_text())["args"]["seed"] == 5
+    dm.prepare_data()  # other settings: their own folder, the first set untouched
+    other = tmp_path / "shapes" / "24px_n40_v8_s5" / "manifest.json"
+    assert json.loads(other.read_text())["args"]["seed"] == 5 and manifest.stat().st_mtime_ns == stamp
     dm.setup("fit")
     batch = dm.on_before_batch_transfer(next(iter(dm.train_dataloader())), 0)
     assert batch["image"].shape == (4, 3, 16, 16) and all(parse_caption(c) for c in batch["caption"])

@@ -324,14 +324,19 @@ def test_evaluate_cli(shapes_dir, tmp_path, monkeypatch, capsys):
         == 0
     )
     assert json.loads(out.read_text())["metrics"]["fid"]["num_reference"] == 12
-    assert main(["evaluate", "--samples", str(samples), "--no_clip", "--out", str(out)]) == 0
+    # an existing report is never replaced unless asked
+    before = out.read_text()
+    assert main(["evaluate", "--samples", str(samples), "--no_clip", "--out", str(out)]) == 2
+    assert "r2.json exists" in capsys.readouterr().err and out.read_text() == before
+    assert main(["evaluate", "--samples", str(samples), "--no_clip", "--out", str(out), "--overwrite"]) == 0
     metrics = json.loads(out.read_text())["metrics"]
     assert "reference" in metrics["fid"]["skipped"] and "disabled" in metrics["clip_score"]["skipped"]
     assert metrics["shapes_alignment"]["count"] == 10
 
     # Inception (the default) missing offline: skipped with the path as reason, the rest still written
     monkeypatch.setattr(feats, "default_inception_path", lambda: tmp_path / "inception-2015-12-05.pt")
-    assert main(["evaluate", "--samples", str(samples), "--reference", str(ref), "--no_clip", "--out", str(out)]) == 0
+    args = ["--reference", str(ref), "--no_clip", "--out", str(out), "--overwrite"]
+    assert main(["evaluate", "--samples", str(samples), *args]) == 0
     assert "inception-2015-12-05.pt" in json.loads(out.read_text())["metrics"]["fid"]["skipped"]
 
     # unusable samples folder: one-line error, exit 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -164,10 +165,19 @@ def test_sample_command_writes_pngs_and_manifest_and_export_round_trips(stage_c_
     assert [r["prompt"].split()[2] for r in records] == ["red", "red", "black", "black"]
     assert [r["seed"] for r in records] == [7, 7, 7, 8]
     assert all((out / r["path"]).is_file() for r in records)
-    assert records[0]["prior_sampling"]["steps"] == 3 and records[0]["height"] == 32
+    assert records[0]["prior_sampling"]["evaluations"] == 3 and records[0]["height"] == 32
+    assert len(records[0]["prior_sampling"]["t_list"]) == 4 and records[0]["decoder_sampling"]["sampler"] == "ddim"
 
     exported = tmp_path / "exported"
     assert main(["export", "--ckpt", str(stage_c_checkpoint), "--out", str(exported)]) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert all(f.stat().st_mode & 0o777 == 0o666 & ~umask for f in exported.iterdir())  # ordinary permissions
+    assert main(["export", "--ckpt", str(stage_c_checkpoint), "--out", str(exported)]) == 2  # never overwritten
+    # an earlier sample folder is refused before the model is loaded, and replaced when asked
+    assert main(["sample", "--ckpt", str(tmp_path / "missing.ckpt"), "--out", str(out), *args]) == 2
+    assert main(["sample", "--ckpt", str(stage_c_checkpoint), "--out", str(out), *args, "--overwrite"]) == 0
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 4
     out2 = tmp_path / "from_export"
     assert main(["sample", "--ckpt", str(exported), "--out", str(out2), *args]) == 0
     for record in records:  # same weights, same seeds: same pixels
@@ -183,6 +193,9 @@ def test_sample_command_errors_are_one_line(stage_c_checkpoint, tmp_path, capsys
     )
     assert "cannot make 36x32 images" in capsys.readouterr().err
     assert main(["sample", "--ckpt", str(stage_c_checkpoint), "--out", str(tmp_path)]) == 2
+    (tmp_path / "a_file").write_text("")
+    assert main(["sample", "--ckpt", str(stage_c_checkpoint), "--out", str(tmp_path / "a_file"), "--prompt", "x"]) == 2
+    assert "is a file" in capsys.readouterr().err
 
 
 def test_predict_with_prompt_datamodule_and_sample_writer(stage_c_checkpoint, tmp_path):

@@ -142,6 +142,8 @@ def test_local_run_order_markers_and_failure(tmp_path, monkeypatch, capsys):
         ckpt = Path(grid.save_dir) / name / version / "checkpoints" / "last.ckpt"
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         ckpt.write_bytes(b"x")
+        if code == 0:  # a fit that reached its end writes its marker itself
+            (ckpt.parent.parent / "DONE").write_text("finished\n")
         return type("Done", (), {"returncode": code})()
 
     monkeypatch.setattr(sweep.runner.subprocess, "run", fake_run)
@@ -150,9 +152,22 @@ def test_local_run_order_markers_and_failure(tmp_path, monkeypatch, capsys):
     assert len(calls) == 4 and calls[0][0] == sys.executable
     assert [r.state() for r in runs] == ["done", "done", "done", "resume"]
     calls.clear()
+    # a fit that exits 0 without its marker (stopped early) is not taken for finished
     monkeypatch.setattr(
         sweep.runner.subprocess, "run", lambda cmd: (calls.append(cmd), type("D", (), {"returncode": 0})())[1]
     )
+    with pytest.raises(sweep.SweepError, match="did not write .*DONE: it did not reach its end"):
+        sweep.execute_runs(runs)
+    assert len(calls) == 1 and calls[0][-2:] == ["--ckpt_path", str(runs[3].checkpoint)]
+    assert runs[3].state() == "resume"
+    calls.clear()
+
+    def finishing_run(cmd):
+        calls.append(cmd)
+        runs[3].marker.write_text("finished\n")
+        return type("D", (), {"returncode": 0})()
+
+    monkeypatch.setattr(sweep.runner.subprocess, "run", finishing_run)
     sweep.execute_runs(runs)  # rerun: three skipped, the failed one resumed
     assert len(calls) == 1 and calls[0][-2:] == ["--ckpt_path", str(runs[3].checkpoint)]
     assert runs[3].state() == "done"
@@ -161,8 +176,14 @@ def test_local_run_order_markers_and_failure(tmp_path, monkeypatch, capsys):
 def test_stage_c_needs_stage_b_checkpoint(tmp_path, monkeypatch):
     grid = sweep.load_grid(write_grid(tmp_path))
     runs = sweep.ordered_runs(sweep.expand(grid))[:2]
-    monkeypatch.setattr(sweep.runner.subprocess, "run", lambda cmd: type("D", (), {"returncode": 0})())
-    with pytest.raises(sweep.SweepError, match="did not write"):
+
+    def finished_without_checkpoint(cmd):
+        runs[0].folder.mkdir(parents=True, exist_ok=True)
+        runs[0].marker.write_text("finished\n")
+        return type("D", (), {"returncode": 0})()
+
+    monkeypatch.setattr(sweep.runner.subprocess, "run", finished_without_checkpoint)
+    with pytest.raises(sweep.SweepError, match="needs .*last.ckpt, which the Stage B run did not write"):
         sweep.execute_runs(runs)
 
 
@@ -213,6 +234,9 @@ def _fake_run(folder: Path, config: dict, state_dict: dict, scalars: dict, wall0
 def test_report_on_synthetic_runs(tmp_path, capsys):
     grid_path = write_grid(tmp_path)
     out_root = tmp_path / "outputs"
+    # nothing finished yet: an error, and nothing written
+    assert cli_main(["sweep", "report", "--grid", str(grid_path), "--out", str(tmp_path / "report")]) == 2
+    assert "nothing reported" in capsys.readouterr().err and not (tmp_path / "report").exists()
     b_state = {
         "stage_a.w": torch.zeros(1000),
         "decoder.w": torch.zeros(300),
@@ -259,6 +283,10 @@ def test_report_on_synthetic_runs(tmp_path, capsys):
 
     assert cli_main(["sweep", "report", "--grid", str(grid_path), "--out", str(tmp_path / "report")]) == 0
     report = tmp_path / "report"
+    before = (report / "ablations.md").read_text()
+    assert cli_main(["sweep", "report", "--grid", str(grid_path), "--out", str(report)]) == 2  # never overwritten
+    assert "--overwrite" in capsys.readouterr().err and (report / "ablations.md").read_text() == before
+    assert cli_main(["sweep", "report", "--grid", str(grid_path), "--out", str(report), "--overwrite"]) == 0
     rows = {r["point"]: r for r in csv.DictReader(open(report / "ablations.csv"))}
     assert list(rows) == ["f8", "f16", "f42p67"]
     f8, f16, f42 = rows["f8"], rows["f16"], rows["f42p67"]

@@ -32,7 +32,9 @@ import logging
 import os
 import random
 import re
+import uuid
 import warnings
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -43,8 +45,8 @@ import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .shapes import generate_shapes_dataset, read_manifest, shapes_args
-from .shards import IMAGE_EXTENSIONS, ShardReadError, iter_shard, load_rgb
+from .shapes import generate_shapes_dataset, read_manifest, set_name, shapes_args
+from .shards import IMAGE_EXTENSIONS, ShardReadError, folder_lock, iter_shard, load_rgb
 
 log = logging.getLogger(__name__)
 
@@ -260,13 +262,24 @@ def _worker() -> tuple[int, int]:
 
 
 # -- datasets -----------------------------------------------------------------------------------------------------
+def _stream_seed(*parts: int) -> int:
+    state = np.random.SeedSequence([int(p) for p in parts]).generate_state(2)
+    return int(state[0]) << 32 | int(state[1])
+
+
 class ShardTrainDataset(IterableDataset):
-    """Infinite resampled stream cut to exactly ``batches_per_epoch`` batches per rank and epoch.
+    """Resampled stream cut to exactly ``batches_per_epoch`` batches per rank and epoch, and resumable exactly.
 
     ``rank``/``world`` are captured when the DataLoader is built (in the main process, where the process
-    group lives); the worker split happens in ``__iter__``. The stream and its error counts live on the
-    worker's copy of the dataset, which persists across epochs with ``persistent_workers``; ``epoch_offset``
-    (the trainer's epoch when the loader is built) reseeds it, so a resumed run does not replay its start.
+    group lives); the worker split happens in ``__iter__``. Every epoch each worker starts a fresh stream seeded by
+    ``(seed, rank, role, epoch)``; its *role* is its worker id, except in the epoch a run resumes in (below). Random
+    crops draw from a generator seeded per raw sample, so a stream's position is one number: the raw samples drawn
+    from it (bad ones included). Each batch carries its role, epoch, raw-sample count and batch count under
+    ``stream``; :class:`ResumableDataLoader` keeps what training consumed and restores it.
+
+    Resuming mid-epoch, worker ``w`` takes the role ``(w + k) % workers`` (``k``: batches consumed this epoch), skips
+    that role's consumed raw samples without decoding them and yields its remaining batches: the DataLoader's
+    round-robin over workers then gives exactly the batches, in the order, of the uninterrupted run.
     """
 
     def __init__(
@@ -294,8 +307,10 @@ class ShardTrainDataset(IterableDataset):
         self.seed = seed
         self.rank, self.world = rank, world
         self.epoch_offset = epoch_offset
+        self.resume: dict[str, Any] | None = None  # set by ResumableDataLoader.load_state_dict before iterating
+        self.token = uuid.uuid4().hex  # tells the loader its batches came back through the DataModule
         self._errors: _ErrorLog | None = None
-        self._stream: Iterator[dict[str, Any]] | None = None
+        self._epochs_started = 0  # on this (worker's) copy: persistent workers keep counting across epochs
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -304,6 +319,10 @@ class ShardTrainDataset(IterableDataset):
         """The shards one worker of this rank draws from (rank split first, then worker split if possible)."""
         rank_shards = self.shards[self.rank :: self.world]
         return rank_shards[worker_id::num_workers] if len(rank_shards) >= num_workers else rank_shards
+
+    def role_batches(self, role: int, num_workers: int) -> int:
+        """Batches one role yields per epoch (the rank's batches dealt round-robin over the roles)."""
+        return self.batches_per_epoch // num_workers + (role < self.batches_per_epoch % num_workers)
 
     def _resampled(self, shards: list[str], rng: random.Random, errors: _ErrorLog) -> Iterator[dict[str, Any]]:
         empty_in_a_row = 0
@@ -323,15 +342,23 @@ class ShardTrainDataset(IterableDataset):
                     f"{len(shards)} shard(s), e.g. {shards[:3]}"
                 )
 
-    def _batches(self, wid: int, nw: int, errors: _ErrorLog) -> Iterator[dict[str, Any]]:
-        """This worker's endless batch stream (shard resampling -> shuffle buffer -> decode -> batch)."""
-        state = np.random.SeedSequence([self.seed, self.rank, wid, self.epoch_offset]).generate_state(2)
-        rng = random.Random(int(state[0]) << 32 | int(state[1]))
-        stream = _shuffle(self._resampled(self.worker_shards(wid, nw), rng, errors), self.shuffle_buffer, rng)
+    def _batches(
+        self, role: int, workers: int, epoch: int, skip_raw: int, errors: _ErrorLog
+    ) -> Iterator[dict[str, Any]]:
+        """One role's stream of one epoch (shard resampling -> shuffle buffer -> decode -> batch), after skipping
+        ``skip_raw`` raw samples (a resumed position)."""
+        rng = random.Random(_stream_seed(self.seed, self.rank, role, epoch))
+        stream = _shuffle(self._resampled(self.worker_shards(role, workers), rng, errors), self.shuffle_buffer, rng)
+        raw = 0
+        for _ in range(skip_raw):
+            next(stream)
+            raw += 1
         batch: list[tuple] = []
         skipped = 0
         for sample in stream:
-            item = self.decoder(sample, errors, rng)
+            crop_rng = random.Random(_stream_seed(self.seed, self.rank, role, epoch, raw))
+            raw += 1
+            item = self.decoder(sample, errors, crop_rng)
             if item is None:
                 skipped += 1
                 if skipped >= MAX_CONSECUTIVE_SKIPS:
@@ -342,19 +369,78 @@ class ShardTrainDataset(IterableDataset):
             skipped = 0
             batch.append(item)
             if len(batch) == self.batch_size:
-                yield _collate(batch, errors)
+                stream_info = {"loader": self.token, "role": role, "epoch": epoch, "raw": raw}
+                yield {**_collate(batch, errors), "stream": stream_info}
                 batch = []
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        wid, nw = _worker()
-        if self._stream is None:
-            # created lazily inside the worker and kept on its (persistent) copy of the dataset: the stream,
-            # its shuffle buffer and the error counts continue across epochs instead of restarting
+        wid, workers = _worker()
+        if self._errors is None:
             self._errors = _ErrorLog(f"train/{self.rank}/{wid}")
-            self._stream = self._batches(wid, nw, self._errors)
-        n_batches = self.batches_per_epoch // nw + (wid < self.batches_per_epoch % nw)
-        for _ in range(n_batches):
-            yield next(self._stream)
+        epoch = self.epoch_offset + self._epochs_started
+        self._epochs_started += 1
+        role, skip_raw, done = wid, 0, 0
+        resume = self.resume
+        if resume is not None and resume["epoch"] == epoch and resume["workers"] == workers:
+            role = (wid + resume["consumed"]) % workers
+            skip_raw, done = resume["positions"].get(role, (0, 0))
+        stream = self._batches(role, workers, epoch, skip_raw, self._errors)
+        for index in range(done, self.role_batches(role, workers)):
+            batch = next(stream)
+            batch["stream"]["batches"] = index + 1
+            yield batch
+
+
+class ResumableDataLoader(DataLoader):
+    """The training DataLoader, stateful for Lightning: ``state_dict()`` holds where every worker's stream stood
+    after the last batch *training consumed* (prefetched batches are not counted), for every rank; Lightning saves it
+    in the checkpoint and hands it to ``load_state_dict()`` of the loader a resumed run builds. See
+    :class:`ShardTrainDataset` for how a position is replayed."""
+
+    def __init__(self, dataset: ShardTrainDataset, **kwargs: Any):
+        super().__init__(dataset, **kwargs)
+        self.consumed: dict[str, Any] = {"epoch": None, "positions": {}}
+
+    def record(self, stream: dict[str, Any]) -> None:
+        """A training batch was consumed (called by ``ShardDataModule.on_before_batch_transfer``)."""
+        if stream["epoch"] != self.consumed["epoch"]:
+            self.consumed = {"epoch": stream["epoch"], "positions": {}}
+        self.consumed["positions"][stream["role"]] = (stream["raw"], stream["batches"])
+
+    def state_dict(self) -> dict[str, Any]:
+        local = {
+            "epoch": self.consumed["epoch"],
+            "workers": max(1, self.num_workers),
+            "positions": {int(role): list(pos) for role, pos in self.consumed["positions"].items()},
+        }
+        ranks = [local]
+        if dist.is_available() and dist.is_initialized():  # called on every rank while a checkpoint is dumped
+            ranks = [None] * dist.get_world_size()
+            dist.all_gather_object(ranks, local)
+        return {"ranks": ranks}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        rank = self.dataset.rank
+        ranks = state.get("ranks", [])
+        if rank >= len(ranks) or ranks[rank].get("epoch") is None:
+            return
+        mine = ranks[rank]
+        if mine["workers"] != max(1, self.num_workers):
+            log.warning(
+                "the checkpoint's data stream ran with %d worker(s), this run has %d: the epoch's remaining batches "
+                "come from fresh streams (an exact resume needs the same num_workers)",
+                mine["workers"],
+                max(1, self.num_workers),
+            )
+            return
+        positions = {int(role): tuple(pos) for role, pos in mine["positions"].items()}
+        self.dataset.resume = {
+            "epoch": mine["epoch"],
+            "workers": mine["workers"],
+            "consumed": sum(batches for _, batches in positions.values()),
+            "positions": positions,
+        }
+        self.consumed = {"epoch": mine["epoch"], "positions": dict(positions)}
 
 
 class ShardValDataset(IterableDataset):
@@ -486,6 +572,7 @@ class ShardDataModule(L.LightningDataModule):
         self._train_urls: list[str] | None = None
         self._val_urls: list[str] | None = None
         self._error_state: dict[str, dict[str, Any]] = {}
+        self._train_loaders: weakref.WeakValueDictionary[str, ResumableDataLoader] = weakref.WeakValueDictionary()
 
     # -- synthetic data ------------------------------------------------------------------------------------------
     @property
@@ -503,35 +590,38 @@ class ShardDataModule(L.LightningDataModule):
             per_shard,
         )
 
+    @property
+    def synthetic_set(self) -> str:
+        """The folder of the synthetic set these settings need: ``synthetic_dir/<its parameters>``, so runs with
+        other settings (a resolution, a size) never share, or regenerate, each other's set."""
+        args = self._synthetic_args()
+        name = set_name(args["num_train"], args["num_val"], args["resolution"], args["seed"])
+        return os.path.join(self.synthetic_dir, name)
+
     def _synthetic_ready(self) -> bool:
-        manifest = read_manifest(self.synthetic_dir)
+        manifest = read_manifest(self.synthetic_set)
         return manifest is not None and manifest.get("args") == self._synthetic_args()
 
     def prepare_data(self) -> None:
-        """Generate the synthetic set once (runs on one process per node; others wait)."""
+        """Generate the synthetic set once (runs on one process per node; other processes, and other runs that need
+        the same set, wait on its lock and then reuse it)."""
         if not self.synthetic:
             return
         args = self._synthetic_args()
-        manifest = read_manifest(self.synthetic_dir)
-        if manifest is not None and manifest.get("args") == args:
-            log.info("reusing synthetic shapes data in %s", self.synthetic_dir)
-            return
-        if manifest is None:
-            log.info("no complete synthetic data in %s (no manifest.json): generating", self.synthetic_dir)
-        else:
-            log.info(
-                "synthetic data in %s was made with %s, need %s: regenerating",
-                self.synthetic_dir, manifest.get("args"), args,
-            )  # fmt: skip
-        generate_shapes_dataset(
-            self.synthetic_dir,
-            args["num_train"],
-            args["num_val"],
-            args["resolution"],
-            args["seed"],
-            samples_per_shard=args["samples_per_shard"],
-            progress=True,
-        )
+        with folder_lock(self.synthetic_set):
+            if self._synthetic_ready():
+                log.info("reusing synthetic shapes data in %s", self.synthetic_set)
+                return
+            log.info("no complete synthetic data in %s: generating", self.synthetic_set)
+            generate_shapes_dataset(
+                self.synthetic_set,
+                args["num_train"],
+                args["num_val"],
+                args["resolution"],
+                args["seed"],
+                samples_per_shard=args["samples_per_shard"],
+                progress=True,
+            )
 
     def _synthetic_urls(self, split: str) -> list[str]:
         if not self._synthetic_ready():
@@ -539,14 +629,14 @@ class ShardDataModule(L.LightningDataModule):
                 self.prepare_data()  # convenient outside a Trainer (scripts, notebooks, tests)
             else:
                 raise FileNotFoundError(
-                    f"synthetic data in {self.synthetic_dir!r} is missing or stale; prepare_data() must run first"
+                    f"synthetic data in {self.synthetic_set!r} is missing or stale; prepare_data() must run first"
                 )
-        manifest = read_manifest(self.synthetic_dir)
+        manifest = read_manifest(self.synthetic_set)
         assert manifest is not None
         names = manifest["shards"][split]
         if not names:
-            raise FileNotFoundError(f"synthetic data in {self.synthetic_dir!r} has no {split} shards")
-        return expand_shards(",".join(os.path.join(self.synthetic_dir, n) for n in names))
+            raise FileNotFoundError(f"synthetic data in {self.synthetic_set!r} has no {split} shards")
+        return expand_shards(",".join(os.path.join(self.synthetic_set, n) for n in names))
 
     # -- shard lists -----------------------------------------------------------------------------------------------
     def train_urls(self) -> list[str]:
@@ -579,14 +669,17 @@ class ShardDataModule(L.LightningDataModule):
         crop = crop or self.resolution
         return _Decoder(crop, self.resize_to or self.resolution, self.require_caption, self.min_image_side)
 
-    def _loader(self, dataset: IterableDataset) -> DataLoader:
-        return DataLoader(
+    def _loader(self, dataset: IterableDataset, loader_class: type[DataLoader] = DataLoader) -> DataLoader:
+        return loader_class(
             dataset,
             batch_size=None,  # the datasets batch themselves
             collate_fn=_identity,  # default_convert would walk every meta dict of every batch
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
+            # its own generator: making an iterator draws a seed, and from the global stream that draw would shift
+            # the training's noise (a resumed run makes its iterators at other times than the run it continues)
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -604,9 +697,11 @@ class ShardDataModule(L.LightningDataModule):
             seed=self.seed,
             rank=rank,
             world=world,
-            epoch_offset=trainer.current_epoch if trainer is not None else 0,  # resumed runs get fresh streams
+            epoch_offset=trainer.current_epoch if trainer is not None else 0,
         )
-        return self._loader(dataset)
+        loader = self._loader(dataset, ResumableDataLoader)
+        self._train_loaders[dataset.token] = loader
+        return loader
 
     def val_dataloader(self) -> DataLoader | list:
         urls = self.val_urls()
@@ -629,6 +724,11 @@ class ShardDataModule(L.LightningDataModule):
         if isinstance(batch, dict) and "data_errors" in batch:
             info = batch.pop("data_errors")
             self._error_state[str(info["worker"])] = info
+        if isinstance(batch, dict) and "stream" in batch:
+            stream = batch.pop("stream")
+            loader = self._train_loaders.get(stream["loader"])
+            if loader is not None:
+                loader.record(stream)  # consumed by training now: the position a checkpoint keeps
         return batch
 
     def error_counts(self, split: str, all_ranks: bool = False) -> dict[str, int]:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from .shards import ShardWriter, brace_pattern, encode_png
+from .shards import ShardWriter, brace_pattern, encode_png, replaced_folder
 
 log = logging.getLogger(__name__)
 
@@ -182,12 +182,9 @@ def read_manifest(out_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _clean_dir(out: Path) -> None:
-    """Remove what an earlier (possibly crashed) run left, so stale shards never mix with new ones."""
-    (out / MANIFEST).unlink(missing_ok=True)  # first: from now on the directory reads as incomplete
-    for pat in ("train-*.tar", "val-*.tar", "*.tar.tmp"):
-        for p in out.glob(pat):
-            p.unlink()
+def set_name(num_train: int, num_val: int, resolution: int, seed: int) -> str:
+    """The folder name of a generated set: its parameters, so sets made with others never share a folder."""
+    return f"{resolution}px_n{num_train}_v{num_val}_s{seed}"
 
 
 def generate_shapes_dataset(
@@ -202,25 +199,34 @@ def generate_shapes_dataset(
     """Write ``train-%06d.tar`` / ``val-%06d.tar`` shards of shapes samples (``png``, ``txt``, ``json``).
 
     Deterministic: train and val come from independent streams seeded by ``(seed, split)``, and the same
-    arguments give byte-identical shards. ``manifest.json`` (the arguments, counts and shard names) is written
-    last: a directory without it is an incomplete run. Returns the manifest plus ``seconds`` and absolute
-    brace ``patterns``.
+    arguments give byte-identical shards. The set is written into a temporary folder and swapped in whole when
+    complete (``manifest.json``, the arguments, counts and shard names, included): an interrupted generation leaves
+    ``out_dir`` as it was. Returns the manifest plus ``seconds`` and absolute brace ``patterns``.
     """
     if num_train < 0 or num_val < 0:
         raise ValueError("num_train and num_val must be >= 0")
     if resolution < MIN_RESOLUTION:
         raise ValueError(f"resolution must be >= {MIN_RESOLUTION}, got {resolution}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _clean_dir(out)
     args = shapes_args(num_train, num_val, resolution, seed, samples_per_shard)
+    with replaced_folder(out) as tmp:
+        manifest, seconds = _write_shapes(tmp, args, progress)
+    log.info("wrote %d train + %d val shapes samples to %s in %.1fs", num_train, num_val, out, seconds)
+    result = dict(manifest)
+    result["seconds"] = seconds
+    result["out_dir"] = str(out)
+    result["abs_patterns"] = {k: brace_pattern([str(out / n) for n in v]) for k, v in manifest["shards"].items()}
+    return result
 
+
+def _write_shapes(out: Path, args: dict[str, Any], progress: bool) -> tuple[dict[str, Any], float]:
+    num_train, num_val, resolution, seed = args["num_train"], args["num_val"], args["resolution"], args["seed"]
     t0 = time.perf_counter()
     shards: dict[str, list[str]] = {}
     with tqdm(total=num_train + num_val, desc=f"shapes {resolution}px", unit="img", disable=not progress) as bar:
         for split_id, (split, count) in enumerate((("train", num_train), ("val", num_val))):
             rng = np.random.default_rng([seed, split_id])  # independent stream per split
-            with ShardWriter(out / f"{split}-{{index:06d}}.tar", samples_per_shard) as writer:
+            with ShardWriter(out / f"{split}-{{index:06d}}.tar", args["samples_per_shard"]) as writer:
                 for i in range(count):
                     img, attrs = render_sample(rng, resolution)
                     writer.write({
@@ -241,12 +247,5 @@ def generate_shapes_dataset(
         "shards": shards,
         "patterns": {k: brace_pattern(v) for k, v in shards.items()},
     }
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, out / MANIFEST)
-    log.info("wrote %d train + %d val shapes samples to %s in %.1fs", num_train, num_val, out, seconds)
-    result = dict(manifest)
-    result["seconds"] = seconds
-    result["out_dir"] = str(out)
-    result["abs_patterns"] = {k: brace_pattern([str(out / n) for n in v]) for k, v in shards.items()}
-    return result
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return manifest, seconds

@@ -45,6 +45,13 @@ class SamplingConfig:
             return stage_c_default_t_list()
         return list(self.t_list) if self.t_list is not None else linear_t_list(self.steps)
 
+    def used(self) -> dict:
+        """What sampling with this config really does (for manifests): ``steps`` is ignored when a t list is given,
+        so the record gives the evaluations and the t list instead."""
+        t_list = self.resolved_t_list()
+        return {"sampler": self.sampler, "guidance_scale": self.guidance_scale, "evaluations": len(t_list) - 1,
+                "t_list": t_list}  # fmt: skip
+
 
 # The sampling defaults of the two diffusion stages (validation, `sample`, the exported pipeline), written once.
 def prior_sampling() -> SamplingConfig:

@@ -218,6 +218,30 @@ def feature_statistics(features: Any) -> tuple[np.ndarray, np.ndarray]:
     return arr.mean(axis=0), np.cov(arr, rowvar=False)
 
 
+class RunningStatistics:
+    """Mean and covariance of features added batch by batch (float64 sums): memory does not grow with the count."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.total: np.ndarray | None = None
+        self.outer: np.ndarray | None = None
+
+    def update(self, features: Any) -> None:
+        arr = _as_numpy64(features)
+        if self.total is None:
+            self.total, self.outer = np.zeros(arr.shape[1]), np.zeros((arr.shape[1], arr.shape[1]))
+        self.count += arr.shape[0]
+        self.total += arr.sum(axis=0)
+        self.outer += arr.T @ arr
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(mu, sigma)`` as :func:`feature_statistics` (unbiased covariance)."""
+        if self.count < 2:
+            raise ValueError(f"need at least 2 feature vectors for a covariance, got {self.count}")
+        mu = self.total / self.count
+        return mu, (self.outer - self.count * np.outer(mu, mu)) / (self.count - 1)
+
+
 def frechet_distance_from_statistics(
     mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
 ) -> float:

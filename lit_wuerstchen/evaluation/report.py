@@ -29,11 +29,21 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from ..data.datamodule import expand_shards
 from ..data.shards import iter_shard, load_rgb
-from .features import FID_FEATURES, ClipScorer, extractor_name, frechet_distance, make_fid_features
-from .shapes_alignment import shapes_alignment
+from ..errors import ConfigError
+from ..runs import claim_output_file
+from .features import (
+    FID_FEATURES,
+    ClipScorer,
+    RunningStatistics,
+    extractor_name,
+    frechet_distance_from_statistics,
+    make_fid_features,
+)
+from .shapes_alignment import ShapesAlignment
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 SHARD_IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
@@ -85,19 +95,27 @@ def _fit(img: Image.Image, size: tuple[int, int]) -> Image.Image:
     return img.crop((left, top, left + cw, top + ch)).resize((tw, th), Image.BICUBIC)
 
 
-def load_sample_images(records: list[dict]) -> torch.Tensor:
-    """``[N, 3, H, W]`` in [0, 1]; images of another size than the first are fitted to it."""
-    size = None
-    images = []
-    for record in records:
-        try:
-            with Image.open(record["file"]) as img:
-                img = img.convert("RGB")
-        except Exception as err:
-            raise SamplesError(f"cannot read {record['file']}: {err}") from err
-        size = size or img.size
-        images.append(_to_tensor(_fit(img, size)))
-    return torch.stack(images)
+def sample_image_size(records: list[dict]) -> tuple[int, int]:
+    """(W, H) of the first sample: the size every other sample and reference image is fitted to."""
+    try:
+        with Image.open(records[0]["file"]) as img:
+            return img.size
+    except Exception as err:
+        raise SamplesError(f"cannot read {records[0]['file']}: {err}") from err
+
+
+def iter_sample_batches(records: list[dict], size: tuple[int, int], batch_size: int) -> Iterator[tuple]:
+    """``(images [B, 3, H, W] in [0, 1], prompts)`` batch by batch; images of another size are fitted to ``size``."""
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        images = []
+        for record in chunk:
+            try:
+                with Image.open(record["file"]) as img:
+                    images.append(_to_tensor(_fit(img.convert("RGB"), size)))
+            except Exception as err:
+                raise SamplesError(f"cannot read {record['file']}: {err}") from err
+        yield torch.stack(images), [str(r.get("prompt", "")) for r in chunk]
 
 
 def iter_reference_images(reference: str, size: tuple[int, int], limit: int | None = None) -> Iterator[torch.Tensor]:
@@ -132,20 +150,16 @@ def make_clip_scorer(model_name: str, pretrained: str | None, weights_file: str 
     )
 
 
-def _batched_features(extractor, images: torch.Tensor | Iterator[torch.Tensor], batch_size: int) -> torch.Tensor:
-    feats, chunk = [], []
-
-    def flush():
-        if chunk:
-            feats.append(torch.as_tensor(extractor(torch.stack(chunk))).double().cpu())
-            chunk.clear()
-
+def _reference_statistics(extractor, images: Iterator[torch.Tensor], batch_size: int) -> RunningStatistics:
+    stats, chunk = RunningStatistics(), []
     for image in images:
         chunk.append(image)
         if len(chunk) == batch_size:
-            flush()
-    flush()
-    return torch.cat(feats) if feats else torch.zeros(0, 0, dtype=torch.float64)
+            stats.update(torch.as_tensor(extractor(torch.stack(chunk))).cpu())
+            chunk.clear()
+    if chunk:
+        stats.update(torch.as_tensor(extractor(torch.stack(chunk))).cpu())
+    return stats
 
 
 # --- the report --------------------------------------------------------------------------------------------------
@@ -171,18 +185,17 @@ def evaluate_samples(
     the open_clip model (tests). Raises :class:`SamplesError` when the samples folder is unusable."""
     device = torch.device(device)
     records = read_samples(samples_dir)
-    images = load_sample_images(records)
-    prompts = [str(r.get("prompt", "")) for r in records]
-    size = (images.shape[-1], images.shape[-2])
+    size = sample_image_size(records)
     report: dict[str, Any] = {
         "samples": str(samples_dir),
         "num_samples": len(records),
-        "resolution": [images.shape[-2], images.shape[-1]],
+        "resolution": [size[1], size[0]],
         "metrics": {},
     }
     metrics = report["metrics"]
 
-    # FID
+    # What each metric needs, built first: a metric that cannot be computed is skipped with the reason.
+    extractor = scorer = None
     if not fid:
         metrics["fid"] = {"skipped": "disabled (--no_fid)"}
     elif not reference:
@@ -191,65 +204,62 @@ def evaluate_samples(
         metrics["fid"] = {"skipped": "FID needs at least 2 samples"}
     else:
         try:
-            extractor = (
-                feature_extractor
-                if feature_extractor is not None
-                else make_fid_features(fid_features, inception_weights, device)
-            )
+            extractor = feature_extractor or make_fid_features(fid_features, inception_weights, device)
+        except (RuntimeError, ValueError, FileNotFoundError, OSError) as err:
+            metrics["fid"] = {"skipped": str(err)}
+    if not clip:
+        metrics["clip_score"] = {"skipped": "disabled (--no_clip)"}
+    else:
+        try:
+            scorer = clip_scorer or make_clip_scorer(clip_model, clip_pretrained, clip_weights, device)
+        except (RuntimeError, ValueError, FileNotFoundError, OSError) as err:
+            metrics["clip_score"] = {"skipped": str(err)}
+    alignment_metric = ShapesAlignment() if alignment else None
+    if not alignment:
+        metrics["shapes_alignment"] = {"skipped": "disabled"}
 
-            fake = _batched_features(extractor, images, batch_size)
-            real = _batched_features(extractor, iter_reference_images(reference, size, num_reference), batch_size)
-            if real.shape[0] < 2:
-                raise ValueError(f"the reference {reference} holds {real.shape[0]} usable image(s); FID needs 2+")
+    # One pass over the samples, batch by batch: memory does not grow with their number.
+    fake, scores = RunningStatistics(), []
+    batches = iter_sample_batches(records, size, batch_size)
+    for images, prompts in tqdm(batches, total=-(-len(records) // batch_size), desc="evaluate", unit="batch"):
+        if extractor is not None:
+            fake.update(torch.as_tensor(extractor(images)).cpu())
+        if scorer is not None:
+            scores.append(scorer.score(images, prompts).float().cpu())
+        if alignment_metric is not None:
+            alignment_metric.update(images, prompts)
+
+    if extractor is not None:
+        try:
+            real = _reference_statistics(extractor, iter_reference_images(reference, size, num_reference), batch_size)
+            if real.count < 2:
+                raise ValueError(f"the reference {reference} holds {real.count} usable image(s); FID needs 2+")
             metrics["fid"] = {
-                "value": frechet_distance(fake, real),
-                "num_samples": int(fake.shape[0]),
-                "num_reference": int(real.shape[0]),
+                "value": frechet_distance_from_statistics(*fake.result(), *real.result()),
+                "num_samples": fake.count,
+                "num_reference": real.count,
                 "reference": str(reference),
                 "extractor": extractor_name(extractor),
             }
         except (RuntimeError, ValueError, FileNotFoundError, OSError) as err:
             metrics["fid"] = {"skipped": str(err)}
-
-    # CLIP score
-    if not clip:
-        metrics["clip_score"] = {"skipped": "disabled (--no_clip)"}
-    else:
-        try:
-            scorer = (
-                clip_scorer
-                if clip_scorer is not None
-                else make_clip_scorer(clip_model, clip_pretrained, clip_weights, device)
-            )
-            scores = torch.cat(
-                [
-                    scorer.score(images[i : i + batch_size], prompts[i : i + batch_size]).float().cpu()
-                    for i in range(0, len(prompts), batch_size)
-                ]
-            )
-            metrics["clip_score"] = {
-                "value": float(scores.mean()),
-                "std": float(scores.std()) if scores.numel() > 1 else 0.0,
-                "num_samples": int(scores.numel()),
-                "model": getattr(scorer, "name", clip_model),
-            }
-        except (RuntimeError, ValueError, FileNotFoundError, OSError) as err:
-            metrics["clip_score"] = {"skipped": str(err)}
-
-    # shapes alignment
-    if not alignment:
-        metrics["shapes_alignment"] = {"skipped": "disabled"}
-    else:
-        result = shapes_alignment(images, prompts)
+    if scorer is not None:
+        values = torch.cat(scores)
+        metrics["clip_score"] = {
+            "value": float(values.mean()),
+            "std": float(values.std()) if values.numel() > 1 else 0.0,
+            "num_samples": int(values.numel()),
+            "model": getattr(scorer, "name", clip_model),
+        }
+    if alignment_metric is not None:
+        result = alignment_metric.compute()
         if result["count"] == 0:
             metrics["shapes_alignment"] = {"skipped": "no prompt follows the synthetic shapes caption grammar"}
         else:
-            # shapes_alignment's own "skipped" (prompts outside the grammar) is renamed: "skipped" marks a skipped
-            # metric
             metrics["shapes_alignment"] = {
-                **{k: v for k, v in result.items() if k not in ("count", "skipped")},
+                **{k: v for k, v in result.items() if k != "count"},
                 "count": int(result["count"]),
-                "unparsed_prompts": int(result["skipped"]),
+                "unparsed_prompts": len(records) - int(result["count"]),
             }
     return report
 
@@ -308,6 +318,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--no_alignment", action="store_true", help="skip the shapes alignment")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... or auto")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing report at --out")
     return parser
 
 
@@ -315,6 +326,7 @@ def run(args: argparse.Namespace, feature_extractor: Any = None, clip_scorer: An
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     pretrained = None if (args.clip_pretrained or "").lower() in ("", "none", "null") else args.clip_pretrained
     try:
+        out = claim_output_file(args.out or Path(args.samples) / "evaluation.json", args.overwrite)
         report = evaluate_samples(
             args.samples,
             args.reference,
@@ -332,11 +344,9 @@ def run(args: argparse.Namespace, feature_extractor: Any = None, clip_scorer: An
             feature_extractor=feature_extractor,
             clip_scorer=clip_scorer,
         )
-    except SamplesError as err:
+    except (SamplesError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else Path(args.samples) / "evaluation.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(format_table(report))
     print(f"wrote {out}")

@@ -5,15 +5,20 @@ data-health logging (:class:`Stage`), and the one diffusion training step of Sta
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import lightning as L
+import numpy as np
 import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from ..checkpoints import RECORD, stage_record
 from ..diffusion import Diffusion, DiffusionConfig, SamplingConfig
+from ..errors import DivergenceError
 
 
 @dataclass
@@ -32,6 +37,13 @@ class OptimizerConfig:
     min_lr_ratio: float = 0.0
     grad_clip: float | None = 1.0
     """Gradient-norm clipping (None disables)."""
+    max_skipped_steps: int = 0
+    """Steps with a non-finite gradient (or loss) that are skipped (counted in ``train/skipped_steps``) before the
+    run stops as diverged; 0: stop at the first."""
+
+    def __post_init__(self) -> None:
+        if self.max_skipped_steps < 0:
+            raise ValueError(f"optimizer.max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
 
     def lr_factor(self, step: int, total_steps: int | None) -> float:
         warmup = max(self.warmup_steps, 0)
@@ -76,6 +88,8 @@ class Stage(L.LightningModule):
         self._frozen: dict[str, tuple[nn.Module, bool]] = {}
         self.register_state_dict_post_hook(_frozen_state_dict_hook)
         self.register_load_state_dict_pre_hook(_frozen_load_state_dict_hook)
+        self.skipped_steps = 0  # bad steps skipped so far (kept in the checkpoint record: survives a resume)
+        self._last_loss: torch.Tensor | None = None
 
     # --- frozen parts ---------------------------------------------------------------------------------------------
     def freeze(self, name: str, module: nn.Module, persistent: bool = False) -> nn.Module:
@@ -133,13 +147,78 @@ class Stage(L.LightningModule):
                 optimizer, gradient_clip_val=clip, gradient_clip_algorithm=gradient_clip_algorithm or "norm"
             )
 
+    # --- divergence -----------------------------------------------------------------------------------------------
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.automatic_optimization:  # manual optimisation (Stage A) checks before its own steps
+            parameters = [p for group in optimizer.param_groups for p in group["params"]]
+            if not self.gradients_are_finite(parameters):
+                for p in parameters:
+                    p.grad = None  # AdamW leaves parameters without a gradient alone: the step is skipped
+
+    def gradients_are_finite(self, parameters: list[nn.Parameter]) -> bool:
+        """Whether this step's gradients are finite on every rank (one host sync per step: the price of stopping
+        at the step that went wrong). A non-finite loss gives non-finite gradients, so it is caught here too.
+
+        A bad step is counted; past ``optimizer.max_skipped_steps`` the run stops with :class:`DivergenceError`
+        (before the optimiser touches the weights, so the weights, the EMA and every checkpoint stay finite).
+        """
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return True  # fp16: the GradScaler skips steps with inf gradients and lowers its scale by itself
+        gradients = [p.grad for p in parameters if p.grad is not None]
+        if not gradients:
+            return True
+        norm = torch.nn.utils.get_total_norm(gradients)
+        if self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(norm)), all=True):
+            return True
+        self.skipped_steps += 1
+        loss = "?" if self._last_loss is None else f"{self._last_loss.item():.6g}"
+        what = f"non-finite training at step {self.global_step}: gradient norm {norm.item():.6g}, loss {loss}"
+        allowed = self.optimizer_config.max_skipped_steps
+        if self.skipped_steps > allowed:
+            raise DivergenceError(
+                f"diverged: {what} ({self.skipped_steps} bad step(s), optimizer.max_skipped_steps={allowed}); "
+                f"no checkpoint was written after it"
+            )
+        rank_zero_warn(f"{what}: step skipped ({self.skipped_steps} of {allowed} allowed)")
+        return False
+
+    def log_training(self, loss: torch.Tensor, batch_size: int) -> None:
+        """The per-step training logs every stage writes (host values only: no device sync)."""
+        self._last_loss = loss.detach()
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/skipped_steps", float(self.skipped_steps), batch_size=batch_size)
+        self.log_data_errors("train")
+
     # --- checkpoints ----------------------------------------------------------------------------------------------
     def checkpoint_configs(self) -> dict[str, Any]:
         """The configs (dataclasses or plain values) the checkpoint loaders need to rebuild this stage's networks."""
         raise NotImplementedError
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint[RECORD] = stage_record(self.stage, **self.checkpoint_configs())
+        # The last line of defence: a checkpoint with a non-finite weight or average is never written.
+        for section in ("state_dict", "ema_state_dict"):
+            for key, value in checkpoint.get(section, {}).items():
+                if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                    raise DivergenceError(
+                        f"diverged: {section} entry {key} is non-finite at step {self.global_step}; "
+                        f"not writing the checkpoint (the previous one is the last good one)"
+                    )
+        checkpoint[RECORD] = stage_record(
+            self.stage, skipped_steps=self.skipped_steps, rng_states=_gather(rng_states()), **self.checkpoint_configs()
+        )
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        record = checkpoint.get(RECORD, {})
+        self.skipped_steps = int(record.get("skipped_steps", 0))
+        states = record.get("rng_states") or []
+        self._rng_to_restore = states[self.global_rank] if self.global_rank < len(states) else None
+
+    def on_train_start(self) -> None:
+        # The random streams continue where the checkpoint left them (noise, t, dropout, caption drops: a resumed
+        # run draws what the uninterrupted one would have). Restored here, once setup and the sanity check are over.
+        if getattr(self, "_rng_to_restore", None) is not None:
+            set_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
 
     # --- images and logging ---------------------------------------------------------------------------------------
     def log_images(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -164,6 +243,36 @@ class Stage(L.LightningModule):
                 reduce_fx="max",
                 batch_size=1,
             )
+
+
+def rng_states() -> dict[str, Any]:
+    """This process's random generator states, as plain values (so checkpoints load with ``weights_only``)."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
+        "numpy": [name, keys.tolist(), int(position), int(has_gauss), float(cached)],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    if states.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+    name, keys, position, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def _gather(value: Any) -> list[Any]:
+    """``value`` of every rank, in rank order (a collective under DDP: checkpoints are dumped on every rank)."""
+    if dist.is_available() and dist.is_initialized():
+        values = [None] * dist.get_world_size()
+        dist.all_gather_object(values, value)
+        return values
+    return [value]
 
 
 def _frozen_state_dict_hook(module: Stage, state_dict: dict, prefix: str, local_metadata: dict) -> None:
@@ -225,8 +334,7 @@ class DiffusionStage(Stage):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.diffusion_loss(batch, train=True)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["image"]))
-        self.log_data_errors("train")
+        self.log_training(loss, len(batch["image"]))
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -69,6 +69,11 @@ class StageA(Stage):
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
         self.val_codebook = CodebookUsage(vqgan.codebook_size)
 
+    @classmethod
+    def image_multiple(cls, init_args: dict) -> int:
+        """Image sides this stage can encode and decode are multiples of this (checked before anything is built)."""
+        return as_dataclass(VQGANConfig, init_args.get("vqgan") or {}).downsampling
+
     def trained_networks(self) -> dict[str, nn.Module]:
         return {"vqgan": self.vqgan}  # the discriminator is a training aid: not averaged, not read by Stage B
 
@@ -130,6 +135,11 @@ class StageA(Stage):
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         self.manual_backward(total)
+        self._last_loss = loss.detach()
+        parameters = [p for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]]
+        if not self.gradients_are_finite(parameters):
+            for p in parameters:
+                p.grad = None  # the optimisers below then leave every weight alone: the step is skipped
         grad_clip = self.optimizer_config.grad_clip
         if grad_clip:
             self.clip_gradients(generator_optimizer, gradient_clip_val=grad_clip, gradient_clip_algorithm="norm")
@@ -146,8 +156,7 @@ class StageA(Stage):
             scheduler.step()
 
         self.log_dict(logs, prog_bar=False, batch_size=images.shape[0])
-        self.log("train/loss", loss, prog_bar=True, batch_size=images.shape[0])
-        self.log_data_errors("train")
+        self.log_training(loss, images.shape[0])
         return loss
 
     @torch.no_grad()

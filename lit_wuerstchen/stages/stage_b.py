@@ -8,11 +8,12 @@ import torch
 from torch import nn
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from ..checkpoints import build_compressor, load_stage_a
+from ..checkpoints import build_compressor, load_stage_a, read_stage_checkpoint
 from ..diffusion import DiffusionConfig, SamplingConfig, decoder_sampling
 from ..generation import decode_stage_a, sample_stage_b
 from ..models.compressor import CompressorConfig
 from ..models.diffnext import DiffNeXt, DiffNeXtConfig, perturb_semantic
+from ..models.vqgan import VQGANConfig
 from .base import DiffusionStage, OptimizerConfig, as_dataclass
 
 
@@ -77,6 +78,14 @@ class StageB(DiffusionStage):
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0, reduction="elementwise_mean", dim=(1, 2, 3))
         self.val_psnr_stage_a = PeakSignalNoiseRatio(data_range=1.0, reduction="elementwise_mean", dim=(1, 2, 3))
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
+
+    @classmethod
+    def image_multiple(cls, init_args: dict) -> int:
+        """Image sides Stage A encodes and the decoder's U-Net divides are multiples of this (checked before anything
+        is built; the Stage A checkpoint is read, not loaded)."""
+        _, record = read_stage_checkpoint(init_args["stage_a_checkpoint"], "A", needed_by="Stage B")
+        network = as_dataclass(DiffNeXtConfig, init_args.get("network") or {})
+        return VQGANConfig(**record["vqgan"]).downsampling * network.divisor
 
     def trained_networks(self) -> dict[str, nn.Module]:
         return {"decoder": self.decoder, "compressor": self.compressor}

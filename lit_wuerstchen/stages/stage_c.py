@@ -7,11 +7,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..checkpoints import RECORD, load_stage_b, load_text_encoder
+from ..checkpoints import RECORD, load_stage_b, load_text_encoder, read_stage_checkpoint
 from ..diffusion import DiffusionConfig, SamplingConfig, decoder_sampling, prior_sampling
 from ..generation import PipelineConfig, WuerstchenPipeline
+from ..models.diffnext import DiffNeXtConfig
 from ..models.prior import Prior, PriorConfig
 from ..models.text_encoder import TextEncoderConfig
+from ..models.vqgan import VQGANConfig
 from .base import DiffusionStage, OptimizerConfig, as_dataclass
 
 # Würstchen v2 fed Stage C with (x + 1) / 42 and sampling undid it with x * 42 - 1.
@@ -96,6 +98,13 @@ class StageC(DiffusionStage):
         self.register_buffer("normalization_ready", torch.tensor(v2))
         self.image_size: tuple[int, int] | None = None
 
+    @classmethod
+    def image_multiple(cls, init_args: dict) -> int:
+        """Image sides the Stage B decoder and its Stage A can make are multiples of this (checked before anything
+        is built; the Stage B checkpoint is read, not loaded)."""
+        _, record = read_stage_checkpoint(init_args["stage_b_checkpoint"], "B", needed_by="Stage C")
+        return VQGANConfig(**record["stage_a"]).downsampling * DiffNeXtConfig(**record["decoder"]).divisor
+
     def trained_networks(self) -> dict[str, nn.Module]:
         return {"prior": self.prior}
 
@@ -125,7 +134,6 @@ class StageC(DiffusionStage):
         for index, batch in enumerate(dataloader):
             if index >= self.hparams.normalization_batches:
                 break
-            batch = self.trainer.datamodule.on_before_batch_transfer(batch, 0) if self.trainer.datamodule else batch
             semantic = self.compressor(batch["image"].to(self.device)).double()
             total += semantic.sum(dim=(0, 2, 3))
             total_sq += semantic.pow(2).sum(dim=(0, 2, 3))
@@ -137,6 +145,7 @@ class StageC(DiffusionStage):
         self.normalization_ready.fill_(True)
 
     def on_train_start(self) -> None:
+        super().on_train_start()
         if not bool(self.normalization_ready):
             self.measure_normalization(self.trainer.datamodule.train_dataloader())
             self.print(
@@ -205,5 +214,6 @@ class StageC(DiffusionStage):
         return {**batch, "images": images}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         image_size = checkpoint.get(RECORD, {}).get("image_size")
         self.image_size = tuple(image_size) if image_size else None

@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--grid", required=True)
     report.add_argument("--out", default="docs/ablations", help="output folder (default docs/ablations)")
     report.add_argument("--only", default=None, help="comma-separated point names")
+    report.add_argument("--overwrite", action="store_true", help="replace an existing report in --out")
     return parser
 
 

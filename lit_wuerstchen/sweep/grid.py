@@ -74,7 +74,7 @@ class Run:
         return self.folder / DONE_MARKER
 
     def state(self) -> str:
-        """'done' (marker present), 'resume' (checkpoint, no marker) or 'new'."""
+        """'done' (the marker ``fit`` writes when it reached its end), 'resume' (a checkpoint, no marker) or 'new'."""
         if self.marker.is_file():
             return "done"
         if self.checkpoint.is_file():
@@ -83,8 +83,11 @@ class Run:
 
     def command(self, python: str = "python") -> list[str]:
         cmd = [python, "-m", "lit_wuerstchen", "fit", *self.args]
-        if self.state() == "resume":
+        state = self.state()
+        if state == "resume":
             cmd += ["--ckpt_path", str(self.checkpoint)]
+        elif state == "new" and self.folder.is_dir() and any(self.folder.iterdir()):
+            cmd += ["--overwrite_run=true"]  # a run that stopped before its first checkpoint: nothing to keep
         return cmd
 
 

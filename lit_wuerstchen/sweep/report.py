@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from ..checkpoints import CheckpointError, read_checkpoint
 from ..models.compressor import semantic_latent_size
-from .grid import Grid, Point, expand, load_grid, select
+from .grid import Grid, Point, SweepError, expand, load_grid, select
 
 MISSING = "—"  # table cell of a metric that was not logged
 ALIGN = ("background", "colour", "shape", "position", "size", "all")
@@ -259,8 +259,15 @@ def plot(grid: Grid, rows: list[dict[str, Any]], out: Path) -> list[Path]:
 def cmd_report(args: argparse.Namespace) -> int:
     grid = load_grid(args.grid)
     points = select(expand(grid), args.only)
+    finished = [r for p in points for r in p.runs if r.state() == "done"]
+    if not finished:
+        raise SweepError(f"no run of grid {grid.path} has finished (no DONE marker): nothing reported, nothing written")
+    out = Path(args.out)
+    existing = [out / name for name in ("ablations.md", "ablations.csv") if (out / name).exists()]
+    if existing and not args.overwrite:
+        raise SweepError(f"{existing[0]} exists: pass --overwrite to replace the report, or choose another --out")
     rows = collect(grid, points)
-    files = write_report(grid, rows, Path(args.out))
+    files = write_report(grid, rows, out)
     print((Path(args.out) / "ablations.md").read_text())
     print("wrote " + ", ".join(str(f) for f in files))
     return 0

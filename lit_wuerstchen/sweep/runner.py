@@ -27,8 +27,10 @@ def _check_configs(runs: list[Run]) -> None:
                 )
 
 
-def execute_runs(runs: list[Run], python: str | None = None, write_marker: bool = True) -> None:
-    """Run ``runs`` one after another in this process's working directory, streaming their output."""
+def execute_runs(runs: list[Run], python: str | None = None) -> None:
+    """Run ``runs`` one after another in this process's working directory, streaming their output. A run counts as
+    finished only when its ``fit`` wrote the ``DONE`` marker (``lit_wuerstchen.callbacks.RunLifecycle``): a preempted
+    or crashed fit stops the sweep, and the next ``sweep run`` resumes it from its checkpoint."""
     python = python or sys.executable
     total = len(runs)
     for i, run in enumerate(runs, 1):
@@ -51,17 +53,16 @@ def execute_runs(runs: list[Run], python: str | None = None, write_marker: bool 
                 "Fix the cause and rerun the same sweep command: finished runs are skipped and this one "
                 "resumes from its last checkpoint if it wrote one."
             )
-        if write_marker:
-            run.folder.mkdir(parents=True, exist_ok=True)
-            run.marker.write_text(display(cmd) + "\n")
+        if not run.marker.is_file():
+            raise SweepError(f"{label} exited 0 but did not write {run.marker}: it did not reach its end")
         print(f"{label}: done", flush=True)
 
 
 def _slurm_job(runs: list[Run], cwd: str) -> None:
     os.chdir(cwd)
-    # Under several tasks per job every task launches the same fit (Lightning reads the SLURM ranks); only the
-    # first writes the markers.
-    execute_runs(runs, write_marker=os.environ.get("SLURM_PROCID", "0") == "0")
+    # Under several tasks per job every task launches the same fit (Lightning reads the SLURM ranks); rank 0 of each
+    # fit writes its DONE marker.
+    execute_runs(runs)
 
 
 def submit_slurm(grid: Grid, points: list[Point]) -> list[Any]:
