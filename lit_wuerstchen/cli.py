@@ -3,6 +3,7 @@ sweep."""
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 from pathlib import Path
@@ -86,9 +87,14 @@ class WuerstchenCLI(LightningCLI):
         model_class = _stage_class((config.get("model") or {}).get("class_path"))
         if model_class is None:
             return
-        check_image_sizes(config, model_class)
-        if self.subcommand == "fit":
-            prepare_fit(config, model_class)
+        try:
+            check_image_sizes(config, model_class)
+            if self.subcommand == "fit":
+                prepare_fit(config, model_class)
+        except (ValueError, TypeError, KeyError) as error:
+            if isinstance(error, LitWuerstchenError):
+                raise
+            raise ConfigError(_root_message(error)) from error  # e.g. a config dataclass refusing a value
 
     def instantiate_classes(self) -> None:
         try:
@@ -122,14 +128,22 @@ def run_lightning_cli(args: list[str] | None = None, run: bool = True) -> Wuerst
     # Absolute ${model...} interpolations keep working inside nested (subclass) groups.
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     # The defaults file belongs to the subcommands' parsers (its keys are theirs), not to the main parser.
-    subcommand_settings = {"parser_mode": "omegaconf+", "default_config_files": [str(default_config())]}
+    subcommand_settings = {
+        "parser_mode": "omegaconf+",
+        "default_config_files": [str(default_config())],
+        "exit_on_error": False,  # a bad key or value is one short line from main(), not 80 lines of usage
+    }
     return WuerstchenCLI(
         L.LightningModule,
         L.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         parser_kwargs=(
-            {"parser_mode": "omegaconf+", **{command: subcommand_settings for command in SUBCOMMANDS}}
+            {
+                "parser_mode": "omegaconf+",
+                "exit_on_error": False,
+                **{command: subcommand_settings for command in SUBCOMMANDS},
+            }
             if run
             else subcommand_settings  # no subcommands: the main parser is the one that reads the configs
         ),
@@ -159,6 +173,12 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[argv[0]](argv[1:])
     try:
         run_lightning_cli(None if from_command_line else argv)
+    except argparse.ArgumentError as error:  # a bad key or value in a config or flag
+        if show_tracebacks():
+            raise
+        hint = f"python -m lit_wuerstchen {argv[0]} --help lists the options"
+        print(f"error: {_parse_error_message(error)}\n  {hint}", file=sys.stderr)
+        return 2
     except BaseException as error:
         found = user_error(error)
         if found is None or show_tracebacks():
@@ -167,6 +187,20 @@ def main(argv: list[str] | None = None) -> int:
         print("error: " + "\n  ".join(lines[:3]), file=sys.stderr)
         return found.exit_code
     return 0
+
+
+def _parse_error_message(error: BaseException) -> str:
+    """jsonargparse nests the real problem several causes deep ("Parser key "model": ... Union subtypes ...");
+    say where (the outer key) and what (the innermost message)."""
+    where = str(error).strip().splitlines()[0]
+    innermost, seen = error, set()
+    while (innermost.__cause__ or innermost.__context__) is not None and id(innermost) not in seen:
+        seen.add(id(innermost))
+        innermost = innermost.__cause__ or innermost.__context__
+    what = str(innermost).strip().splitlines()[-1].strip() if innermost is not error else ""
+    if not what or what in where:
+        return " ".join(line.strip() for line in str(error).strip().splitlines()[:2])
+    return f"{where} {what}" if where.endswith(":") else f"{where}: {what}"
 
 
 def _stage_class(class_path: object) -> type[Stage] | None:

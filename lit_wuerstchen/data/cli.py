@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 from .folder import REPORT_NAME, convert_folder
@@ -46,6 +47,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     shapes.add_argument("--resolution", type=_positive, required=True, help="image side in pixels (>= 16)")
     shapes.add_argument("--seed", type=int, required=True, help="random seed (same seed -> identical shards)")
     shapes.add_argument("--samples_per_shard", type=_positive, default=1000, help="samples per tar shard")
+    shapes.add_argument("--overwrite", action="store_true", help="replace what OUT already holds")
     shapes.add_argument("--no_progress", action="store_true", help="hide the progress bar")
 
     folder = sub.add_parser(
@@ -61,6 +63,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     folder.add_argument("--out", required=True, help="output directory for the shards and the report")
     folder.add_argument("--samples_per_shard", type=_positive, default=1000, help="samples per tar shard")
     folder.add_argument("--prefix", default="train", help="shard name prefix: <prefix>-000000.tar")
+    folder.add_argument("--min_image_side", type=_non_negative, default=32, help="skip smaller images (px)")
+    folder.add_argument("--max_caption_length", type=_positive, default=1000, help="skip longer captions (chars)")
+    folder.add_argument("--overwrite", action="store_true", help="replace what OUT already holds")
     folder.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -68,6 +73,10 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 def _run_shapes(args: argparse.Namespace) -> int:
     if args.resolution < MIN_RESOLUTION:
         print(f"error: --resolution must be >= {MIN_RESOLUTION}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        print(f"error: {out} already exists: choose another --out or pass --overwrite to replace it", file=sys.stderr)
         return 2
     result: dict[str, Any] = generate_shapes_dataset(
         args.out, args.num_train, args.num_val, args.resolution, args.seed,
@@ -86,7 +95,10 @@ def _run_shapes(args: argparse.Namespace) -> int:
 
 def _run_folder(args: argparse.Namespace) -> int:
     try:
-        report = convert_folder(args.src, args.out, args.samples_per_shard, args.prefix, not args.no_progress)
+        report = convert_folder(
+            args.src, args.out, args.samples_per_shard, args.prefix, not args.no_progress,
+            min_image_side=args.min_image_side, max_caption_length=args.max_caption_length, overwrite=args.overwrite,
+        )  # fmt: skip
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -95,7 +107,8 @@ def _run_folder(args: argparse.Namespace) -> int:
         return 2
     print(
         f"found {report['num_images_found']} images in {args.src}: wrote {report['num_written']}, "
-        f"skipped {report['num_unreadable']} unreadable and {report['num_missing_caption']} without caption"
+        f"skipped {report['num_unreadable']} unreadable, {report['num_missing_caption']} without caption, "
+        f"{report['num_too_small']} too small and {report['num_caption_too_long']} with too long a caption"
     )
     if report["shards"]:
         print(f"  {len(report['shards'])} shard(s) in {args.out}   {args.prefix}_shards: {report['pattern']}")

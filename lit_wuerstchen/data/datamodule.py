@@ -51,7 +51,13 @@ from .shards import IMAGE_EXTENSIONS, ShardReadError, folder_lock, iter_shard, l
 log = logging.getLogger(__name__)
 
 # Counters carried in ``data_errors``; ``corrupt_samples`` is the total of the four sample reasons.
-SAMPLE_REASONS: tuple[str, ...] = ("undecodable_images", "missing_images", "missing_captions", "small_images")
+SAMPLE_REASONS: tuple[str, ...] = (
+    "undecodable_images",
+    "missing_images",
+    "missing_captions",
+    "small_images",
+    "long_captions",
+)
 COUNT_KEYS: tuple[str, ...] = ("corrupt_samples", "broken_shards", *SAMPLE_REASONS)
 # A worker that skips this many samples in a row has no usable data: fail loudly instead of spinning.
 MAX_CONSECUTIVE_SKIPS = 20_000
@@ -187,11 +193,14 @@ def _text(data: Any) -> str:
 class _Decoder:
     """Turns a raw sample into ``(image HxWx3 uint8, caption, key, meta)``, or None after recording why."""
 
-    def __init__(self, resolution: int, resize_to: int, require_caption: bool, min_image_side: int):
+    def __init__(
+        self, resolution: int, resize_to: int, require_caption: bool, min_image_side: int, max_caption_length: int
+    ):
         self.resolution = resolution
         self.resize_to = resize_to
         self.require_caption = require_caption
         self.min_image_side = min_image_side
+        self.max_caption_length = max_caption_length
 
     def __call__(self, sample: dict[str, Any], errors: _ErrorLog, rng: random.Random | None) -> tuple | None:
         key, url = sample["__key__"], sample["__url__"]
@@ -208,6 +217,10 @@ class _Decoder:
         if self.require_caption and not caption:
             errors.sample(url, key, "missing_captions", "no caption (require_caption=True)")
             return None
+        if len(caption) > self.max_caption_length:
+            detail = f"caption of {len(caption)} characters > max_caption_length={self.max_caption_length}"
+            errors.sample(url, key, "long_captions", detail)
+            return None
         ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
         if ext is None:
             exts = sorted(k for k in sample if not k.startswith("__"))
@@ -219,7 +232,8 @@ class _Decoder:
             errors.sample(url, key, "undecodable_images", str(e))
             return None
         if min(img.size) < self.min_image_side:
-            errors.sample(url, key, "small_images", f"image {img.size[0]}x{img.size[1]} < min_image_side")
+            detail = f"image {img.size[0]}x{img.size[1]} < min_image_side={self.min_image_side}"
+            errors.sample(url, key, "small_images", detail)
             return None
         return _resize_crop(img, self.resize_to, self.resolution, rng), caption, key, meta
 
@@ -511,7 +525,10 @@ class ShardDataModule(L.LightningDataModule):
         train_batches_per_epoch: batches per epoch PER RANK (the training stream is resampled, endless).
         shuffle_buffer: samples held for shuffling in each worker.
         require_caption: skip (and count) samples without a caption.
-        min_image_side: skip (and count) images whose shorter side is smaller.
+        min_image_side: skip (and count) images whose shorter side is smaller (None: half of ``resize_to`` or
+            ``resolution``: an image blown up more than twice is not worth learning from).
+        max_caption_length: skip (and count) samples whose caption has more characters (junk, not text; CLIP
+            reads 77 tokens anyway).
         synthetic_dir / synthetic_num_train / synthetic_num_val / synthetic_seed: the synthetic set.
         seed: seed of shard resampling, shuffling and crops.
     """
@@ -529,7 +546,8 @@ class ShardDataModule(L.LightningDataModule):
         train_batches_per_epoch: int = 100,
         shuffle_buffer: int = 1000,
         require_caption: bool = False,
-        min_image_side: int = 0,
+        min_image_side: int | None = None,
+        max_caption_length: int = 1000,
         synthetic_dir: str = "data/shapes",
         synthetic_num_train: int = 20000,
         synthetic_num_val: int = 512,
@@ -552,6 +570,8 @@ class ShardDataModule(L.LightningDataModule):
             raise ValueError(f"val_batch_size must be >= 1, got {val_batch_size}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if min_image_side is not None and min_image_side < 0 or max_caption_length < 1:
+            raise ValueError("min_image_side must be >= 0 (or None) and max_caption_length >= 1")
         self.train_shards = train_shards
         self.val_shards = val_shards
         self.resolution = resolution
@@ -563,7 +583,8 @@ class ShardDataModule(L.LightningDataModule):
         self.train_batches_per_epoch = train_batches_per_epoch
         self.shuffle_buffer = shuffle_buffer
         self.require_caption = require_caption
-        self.min_image_side = min_image_side
+        self.min_image_side = (resize_to or resolution) // 2 if min_image_side is None else min_image_side
+        self.max_caption_length = max_caption_length
         self.synthetic_dir = synthetic_dir
         self.synthetic_num_train = synthetic_num_train
         self.synthetic_num_val = synthetic_num_val
@@ -667,7 +688,9 @@ class ShardDataModule(L.LightningDataModule):
     # -- loaders -----------------------------------------------------------------------------------------------------
     def _decoder(self, crop: int | None = None) -> _Decoder:
         crop = crop or self.resolution
-        return _Decoder(crop, self.resize_to or self.resolution, self.require_caption, self.min_image_side)
+        return _Decoder(
+            crop, self.resize_to or self.resolution, self.require_caption, self.min_image_side, self.max_caption_length
+        )
 
     def _loader(self, dataset: IterableDataset, loader_class: type[DataLoader] = DataLoader) -> DataLoader:
         return loader_class(

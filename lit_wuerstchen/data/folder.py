@@ -19,7 +19,7 @@ from typing import Any
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .shards import ShardWriter, brace_pattern, encode_png, load_rgb
+from .shards import ShardWriter, brace_pattern, encode_png, load_rgb, replaced_folder
 
 log = logging.getLogger(__name__)
 
@@ -78,22 +78,39 @@ def convert_folder(
     samples_per_shard: int = 1000,
     prefix: str = "train",
     progress: bool = True,
+    min_image_side: int = 32,
+    max_caption_length: int = 1000,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write ``OUT/<prefix>-%06d.tar`` from the images under ``src`` (recursive, sorted, so reproducible).
 
-    Every image is decoded and re-encoded as an RGB PNG (any mode: see :func:`load_rgb`). Unreadable images and
-    images without a caption are skipped and listed in the returned report, which is also written to
+    Every image is decoded and re-encoded as an RGB PNG (any mode: see :func:`load_rgb`). Unreadable images,
+    images without a caption, images whose shorter side is under ``min_image_side`` and captions longer than
+    ``max_caption_length`` characters are skipped and listed in the returned report, which is also written to
     ``OUT/conversion_report.json``. Keys are ``<prefix>_<index>``; the sample's json records the source path,
-    original size and mode. Existing ``<prefix>-*.tar`` shards in ``out`` are replaced.
+    original size and mode. Everything is written into a temporary folder and swapped in at the end, report
+    included: an interrupted conversion leaves ``out`` as it was. An ``out`` that already holds anything is
+    refused unless ``overwrite`` (then it is replaced whole).
     """
     src_path, out_path = Path(src), Path(out)
     if not src_path.is_dir():
         raise FileNotFoundError(f"source folder {str(src_path)!r} does not exist or is not a directory")
     if not prefix or any(c in prefix for c in "./\\{}"):
         raise ValueError(f"bad shard prefix {prefix!r}")
-    out_path.mkdir(parents=True, exist_ok=True)
-    for stale in list(out_path.glob(f"{prefix}-*.tar")) + list(out_path.glob(f"{prefix}-*.tar.tmp")):
-        stale.unlink()  # a shorter re-run must not leave old shards matching the pattern
+    if out_path.exists() and not out_path.is_dir():
+        raise ValueError(f"{out_path} is a file, not a folder")
+    if out_path.is_dir() and any(out_path.iterdir()) and not overwrite:
+        raise ValueError(f"{out_path} already holds data: choose another --out or pass --overwrite to replace it")
+    if out_path.resolve().is_relative_to(src_path.resolve()):
+        raise ValueError(f"--out {out_path} is inside --src {src_path}: write the shards somewhere else")
+    with replaced_folder(out_path) as tmp:
+        report = _convert(src_path, out_path, tmp, samples_per_shard, prefix, progress, min_image_side,
+                          max_caption_length)  # fmt: skip
+    return report
+
+
+def _convert(src_path: Path, out_path: Path, tmp: Path, samples_per_shard: int, prefix: str, progress: bool,
+             min_image_side: int, max_caption_length: int) -> dict[str, Any]:  # fmt: skip
 
     caption_problems: list[dict[str, str]] = []
     table, table_sources = _read_caption_tables(src_path, caption_problems)
@@ -105,9 +122,6 @@ def convert_folder(
     ignored: list[str] = []
     for root, dirs, files in os.walk(src_path):
         dirs.sort()
-        if Path(root).resolve() == out_path.resolve():
-            dirs.clear()  # never read our own output when OUT is inside SRC
-            continue
         for name in sorted(files):
             p = Path(root) / name
             if p.suffix.lower() in FOLDER_IMAGE_SUFFIXES:
@@ -117,10 +131,12 @@ def convert_folder(
 
     unreadable: list[dict[str, str]] = []
     missing_caption: list[str] = []
+    too_small: list[str] = []
+    caption_too_long: list[str] = []
     used_table_keys: set[str] = set()
     source_counts = {"sidecar": 0, "jsonl": 0, "csv": 0}
     t0 = time.perf_counter()
-    with ShardWriter(out_path / f"{prefix}-{{index:06d}}.tar", samples_per_shard) as writer:
+    with ShardWriter(tmp / f"{prefix}-{{index:06d}}.tar", samples_per_shard) as writer:
         for path in tqdm(images, desc=f"converting {src_path.name}", unit="img", disable=not progress):
             rel = path.relative_to(src_path).as_posix()
             caption, source = "", ""
@@ -138,6 +154,10 @@ def convert_folder(
                 missing_caption.append(rel)
                 log.warning("no caption for %s: skipped", rel)
                 continue
+            if len(caption) > max_caption_length:
+                caption_too_long.append(rel)
+                log.warning("caption of %s has %d characters > %d: skipped", rel, len(caption), max_caption_length)
+                continue
             try:
                 data = path.read_bytes()
                 img = load_rgb(data)
@@ -145,6 +165,10 @@ def convert_folder(
             except (OSError, ValueError) as e:
                 unreadable.append({"path": rel, "reason": str(e)})
                 log.warning("unreadable image %s: %s", rel, e)
+                continue
+            if min(img.size) < min_image_side:
+                too_small.append(rel)
+                log.warning("image %s is %dx%d < min_image_side %d: skipped", rel, *img.size, min_image_side)
                 continue
             writer.write({
                 "__key__": f"{prefix}_{writer.total:08d}",
@@ -163,9 +187,13 @@ def convert_folder(
         "num_written": writer.total,
         "num_unreadable": len(unreadable),
         "num_missing_caption": len(missing_caption),
+        "num_too_small": len(too_small),
+        "num_caption_too_long": len(caption_too_long),
         "caption_sources": source_counts,
         "unreadable": unreadable,
         "missing_caption": missing_caption,
+        "too_small": too_small,
+        "caption_too_long": caption_too_long,
         "caption_table_problems": caption_problems,
         "captions_without_image": sorted(set(table) - used_table_keys),
         "ignored_files": ignored,
@@ -173,7 +201,7 @@ def convert_folder(
         "pattern": brace_pattern([str(out_path / s) for s in shards]),
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    (out_path / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
 
 
