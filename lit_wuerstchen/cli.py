@@ -91,10 +91,10 @@ class WuerstchenCLI(LightningCLI):
             check_image_sizes(config, model_class)
             if self.subcommand == "fit":
                 prepare_fit(config, model_class)
-        except (ValueError, TypeError, KeyError) as error:
-            if isinstance(error, LitWuerstchenError):
-                raise
-            raise ConfigError(_root_message(error)) from error  # e.g. a config dataclass refusing a value
+        except LitWuerstchenError:
+            raise
+        except (ValueError, TypeError, KeyError) as error:  # e.g. a config dataclass refusing a value
+            raise ConfigError(_root_message(error)) from error
 
     def instantiate_classes(self) -> None:
         try:
