@@ -274,24 +274,9 @@ def test_evaluate_cli(shapes_dir, tmp_path, monkeypatch, capsys):
     samples = tmp_path / "samples"
     ref = _write_samples(shapes_dir, samples)
     clip_args = ["--clip_model", "wuerstchen-tiny-clip", "--clip_pretrained", "none", "--device", "cpu"]
+    evaluate = ["evaluate", "--samples", str(samples), "--fid_features", "random"]
 
-    assert (
-        main(
-            [
-                "evaluate",
-                "--samples",
-                str(samples),
-                "--reference",
-                str(ref),
-                "--batch_size",
-                "4",
-                "--fid_features",
-                "random",
-                *clip_args,
-            ]
-        )
-        == 0
-    )
+    assert main([*evaluate, "--reference", str(ref), "--batch_size", "4", *clip_args]) == 0
     data = json.loads((samples / "evaluation.json").read_text())
     metrics = data["metrics"]
     assert data["num_samples"] == 10 and data["resolution"] == [32, 32]
@@ -304,25 +289,8 @@ def test_evaluate_cli(shapes_dir, tmp_path, monkeypatch, capsys):
 
     # shard pattern as reference; missing reference -> fid skipped with reason; clip off
     out = tmp_path / "r2.json"
-    assert (
-        main(
-            [
-                "evaluate",
-                "--samples",
-                str(samples),
-                "--reference",
-                f"{shapes_dir}/val-000000.tar",
-                "--num_reference",
-                "12",
-                "--fid_features",
-                "random",
-                "--no_clip",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    shards = f"{shapes_dir}/val-000000.tar"
+    assert main([*evaluate, "--reference", shards, "--num_reference", "12", "--no_clip", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["metrics"]["fid"]["num_reference"] == 12
     # an existing report is never replaced unless asked
     before = out.read_text()

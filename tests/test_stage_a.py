@@ -95,18 +95,11 @@ def test_perceptual_loss_offline_fails_fast_with_a_clear_message(tmp_path, monke
         tiny_stage_a(perceptual_weight=0.1)
 
 
+TOY_FIT = ["fit", "-c", "experiments/stage_a.yaml", "-c", "experiments/toy/stage_a.yaml"]
+
+
 def test_cli_fast_dev_run(shapes_dir, in_tmp_cwd):
-    main(
-        [
-            "fit",
-            "-c",
-            "experiments/stage_a.yaml",
-            "-c",
-            "experiments/toy/stage_a.yaml",
-            "--trainer.fast_dev_run=2",
-            *toy_data_args(shapes_dir),
-        ]
-    )
+    main([*TOY_FIT, "--trainer.fast_dev_run=2", *toy_data_args(shapes_dir)])
 
 
 def test_cli_fit_saves_config_checkpoints_and_images(shapes_dir, in_tmp_cwd):
@@ -114,11 +107,7 @@ def test_cli_fit_saves_config_checkpoints_and_images(shapes_dir, in_tmp_cwd):
     override.write_text("image_logger:\n  every_n_steps: 2\n")  # one value of a named callback group
     main(
         [
-            "fit",
-            "-c",
-            "experiments/stage_a.yaml",
-            "-c",
-            "experiments/toy/stage_a.yaml",
+            *TOY_FIT,
             "-c",
             str(override),
             "--trainer.max_steps=4",
