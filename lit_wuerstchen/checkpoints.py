@@ -245,6 +245,7 @@ def build_compressor(config: CompressorConfig, compression: float) -> SemanticCo
     return compressor
 
 
+RANDOM_TEXT_ENCODER_SEED = 0
 _TEXT_PREFIXES = ("", "text.", "module.", "module.text.", "model.", "model.text.")
 
 
@@ -254,9 +255,13 @@ def load_text_encoder(config: TextEncoderConfig) -> TextEncoder:
     _, weights_file = resolve_open_clip_model(
         config.model_name, config.pretrained, config.weights_file, config.model_config_file
     )
-    encoder = TextEncoder(config)
     if weights_file is None:
-        return encoder
+        # random weights (toy runs): drawn from a fixed seed, not from the caller's random state, so every process
+        # that builds this config (a fit, a resumed fit, `data precompute`) gets the same encoder
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_TEXT_ENCODER_SEED)
+            return TextEncoder(config)
+    encoder = TextEncoder(config)
     keys = set(encoder.text.state_dict())
     state = {}
     for key, value in read_state_dict(weights_file).items():  # a full CLIP file: keep the text tower's tensors

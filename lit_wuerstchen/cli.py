@@ -15,7 +15,10 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .callbacks import EMA, ImageLogger, RunLifecycle
+from .data import ShardDataModule
 from .data.cli import main as data_main
+from .data.precompute import add_arguments as add_precompute_arguments
+from .data.precompute import precompute
 from .errors import ConfigError, LitWuerstchenError, PreemptedError, show_tracebacks, user_error
 from .evaluation.report import main as evaluate_main
 from .runs import SaveRunConfig, check_image_sizes, prepare_fit
@@ -38,7 +41,8 @@ inference and tools:
   sample     text -> images from a Stage C checkpoint or exported pipeline (PNGs + samples.jsonl)
   export     a Stage C checkpoint (+ its Stages B and A) -> self-contained safetensors pipeline folder
   evaluate   FID / CLIP score / shapes alignment of a 'sample' output folder -> JSON report
-  data       dataset tools: 'data shapes' (synthetic captioned set), 'data folder' (your images -> shards)
+  data       dataset tools: 'data shapes' (synthetic captioned set), 'data folder' (your images -> shards),
+             'data precompute' (a stage's frozen-model outputs, once, for faster training)
   sweep      ablation grids: 'sweep run --grid G.yaml' (Stage B then C per point), 'sweep report' (CSV, table, plots)
 
 'python -m lit_wuerstchen <command> --help' shows the options of each command.
@@ -122,7 +126,17 @@ class WuerstchenCLI(LightningCLI):
         return
 
 
-def run_lightning_cli(args: list[str] | None = None, run: bool = True) -> WuerstchenCLI:
+class _ModelAndDataCLI(WuerstchenCLI):
+    """Builds model and data only (``data precompute``): a Trainer is not needed, and building one under torchrun
+    with the run's device settings could refuse a single-device job."""
+
+    def instantiate_trainer(self, **kwargs):
+        return None
+
+
+def run_lightning_cli(
+    args: list[str] | None = None, run: bool = True, cli_class: type[WuerstchenCLI] = WuerstchenCLI
+) -> WuerstchenCLI:
     """Run the LightningCLI on ``args`` (None: the command line). ``run=False``: only instantiate model, data
     and trainer from configs given without a subcommand (benchmarks, notebooks)."""
     # Absolute ${model...} interpolations keep working inside nested (subclass) groups.
@@ -133,7 +147,7 @@ def run_lightning_cli(args: list[str] | None = None, run: bool = True) -> Wuerst
         "default_config_files": [str(default_config())],
         "exit_on_error": False,  # a bad key or value is one short line from main(), not 80 lines of usage
     }
-    return WuerstchenCLI(
+    return cli_class(
         L.LightningModule,
         L.LightningDataModule,
         subclass_mode_model=True,
@@ -154,8 +168,44 @@ def run_lightning_cli(args: list[str] | None = None, run: bool = True) -> Wuerst
     )
 
 
+def main_precompute(argv: list[str]) -> int:
+    """``data precompute -c <the stage's configs> [--key=value ...] --out DIR``: the training cache of that stage."""
+    parser = argparse.ArgumentParser(
+        prog="python -m lit_wuerstchen data precompute",
+        description="Run the frozen models of the stage the configs train (Stage B: Stage A; Stage C: the text "
+        "encoder and the compressor) once over its training shards and write the cache that "
+        "`fit ... --data.init_args.cache DIR` trains from. Give the same -c configs and overrides as the fit. "
+        "Resumable (run it again), and shared by processes started with torchrun or srun.",
+    )
+    parser.add_argument("-c", "--config", action="append", default=[], help="a config of the fit (repeatable)")
+    add_precompute_arguments(parser)
+    args, overrides = parser.parse_known_args(argv)
+    if not args.config:
+        parser.error("give the fit's configs, e.g. -c experiments/stage_c.yaml -c experiments/toy/stage_c.yaml")
+    cli_args = [arg for config in args.config for arg in ("-c", config)] + overrides
+    cli = run_lightning_cli(cli_args, run=False, cli_class=_ModelAndDataCLI)
+    if not isinstance(cli.datamodule, ShardDataModule):
+        raise ConfigError(f"data precompute reads a ShardDataModule's shards, not {type(cli.datamodule).__name__}")
+    manifest = precompute(cli.model, cli.datamodule, args.out, args.batch_size, args.device, args.precision,
+                          args.overwrite, progress=not args.no_progress)  # fmt: skip
+    if manifest["complete"]:
+        skipped = ", ".join(f"{k}={v}" for k, v in manifest["skipped"].items() if k != "corrupt_samples") or "none"
+        print(f"cache complete: {manifest['samples']} samples of Stage {manifest['stage']} in {args.out} "
+              f"(skipped: {skipped}); train with --data.init_args.cache {args.out}")  # fmt: skip
+    else:
+        print(f"this process's shards are done; {manifest['shards_done']} of {len(manifest['source_urls'])} in "
+              f"all (the other processes finish the rest)")  # fmt: skip
+    return 0
+
+
+def _data_command(argv: list[str]) -> int:
+    if argv and argv[0] == "precompute":
+        return main_precompute(argv[1:])
+    return data_main(argv, prog="python -m lit_wuerstchen data")
+
+
 COMMANDS = {
-    "data": lambda argv: data_main(argv, prog="python -m lit_wuerstchen data"),
+    "data": _data_command,
     "sample": main_sample,
     "export": main_export,
     "evaluate": evaluate_main,
@@ -169,9 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(OVERVIEW)
         return 0
-    if argv[0] in COMMANDS:
-        return COMMANDS[argv[0]](argv[1:])
     try:
+        if argv[0] in COMMANDS:
+            return COMMANDS[argv[0]](argv[1:])
         run_lightning_cli(None if from_command_line else argv)
     except argparse.ArgumentError as error:  # a bad key or value in a config or flag
         if show_tracebacks():

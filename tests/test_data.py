@@ -26,7 +26,6 @@ from lit_wuerstchen.data import (
     ShardWriter,
     convert_folder,
     encode_png,
-    expand_braces,
     expand_shards,
     generate_shapes_dataset,
     iter_shard,
@@ -52,7 +51,7 @@ def _noise(h: int, w: int, seed: int) -> np.ndarray:
 def _write_good_shards(d: Path, n_shards: int, per_shard: int, side: int = 16, prefix: str = "s") -> list[str]:
     """Shards of noise images with caption 'caption <key>' and json {"i": index}; returns all keys."""
     keys = []
-    with ShardWriter(d / f"{prefix}-{{index:06d}}.tar", per_shard) as w:
+    with ShardWriter(d / f"{prefix}-%06d.tar", per_shard) as w:
         for i in range(n_shards * per_shard):
             key = f"{prefix}_{i:05d}"
             w.write({"__key__": key, "png": _png(_noise(side, side, i)), "txt": f"caption {key}", "json": {"i": i}})
@@ -145,7 +144,7 @@ def test_shapes_dataset_is_deterministic(tmp_path):
 # -- shard writing / reading ------------------------------------------------------------------------------------------
 def test_shard_writer_is_atomic_and_standard(tmp_path):
     with pytest.raises(RuntimeError):
-        with ShardWriter(tmp_path / "x-{index:06d}.tar", 2) as w:
+        with ShardWriter(tmp_path / "x-%06d.tar", 2) as w:
             for i in range(3):
                 w.write({"__key__": f"k{i}", "txt": "hello", "bin": b"\x00\x01"})
             raise RuntimeError("crash while writing shard 2")
@@ -156,7 +155,7 @@ def test_shard_writer_is_atomic_and_standard(tmp_path):
         assert all(m.mtime == 0 and m.uid == 0 and m.gid == 0 and m.uname == "" for m in members)
         assert tf.extractfile("k1.txt").read() == b"hello"
     long_key = "dir/" + "k" * 150
-    with ShardWriter(tmp_path / "y-{index:06d}.tar", 10) as w:
+    with ShardWriter(tmp_path / "y-%06d.tar", 10) as w:
         w.write({"__key__": long_key, "txt": "long"})
         with pytest.raises(ValueError):
             w.write({"__key__": "a.b", "txt": "x"})  # a dot would split the key wrongly when reading
@@ -212,14 +211,20 @@ def test_load_rgb_rejects_garbage():
             load_rgb(bad)
 
 
-def test_brace_and_glob_expansion(tmp_path):
-    assert expand_braces("a-{08..10}.tar") == ["a-08.tar", "a-09.tar", "a-10.tar"]
-    assert expand_braces("{x,y}-{0..1}") == ["x-0", "x-1", "y-0", "y-1"]
+def test_brace_and_glob_expansion(tmp_path, monkeypatch):
+    assert expand_shards("pipe:cat a-{08..10}.tar") == ["pipe:cat a-08.tar", "pipe:cat a-09.tar", "pipe:cat a-10.tar"]
+    assert expand_shards("http://h/{x,y}-{0..1}.tar") == [f"http://h/{a}-{b}.tar" for a in "xy" for b in "01"]
+    monkeypatch.setenv("WDS_BUCKET", "b")
+    assert expand_shards("pipe:aws s3 cp s3://${BUCKET}/t-0.tar -") == ["pipe:aws s3 cp s3://b/t-0.tar -"]
     _write_good_shards(tmp_path, 3, 2)
     d = str(tmp_path)
+    assert expand_shards([f"file://{d}/s-000000.tar", f"{d}/s-000001.tar"]) == [
+        f"{d}/s-000000.tar",
+        f"{d}/s-000001.tar",
+    ]
     assert len(expand_shards(f"{d}/s-{{000000..000002}}.tar")) == 3
     assert expand_shards(f"{d}/s-*.tar") == sorted(expand_shards(f"{d}/s-{{000002,000000,000001}}.tar"))
-    assert len(expand_shards(f"{d}/s-000000.tar,{d}/s-{{000001..000002}}.tar")) == 3
+    assert len(expand_shards(f"{d}/s-000000.tar::{d}/s-{{000001..000002}}.tar")) == 3
     with pytest.raises(FileNotFoundError, match=r"nope-\{0..3\}"):
         expand_shards(f"{d}/nope-{{0..3}}.tar")
     with pytest.raises(FileNotFoundError, match="matches no files"):
@@ -236,7 +241,7 @@ def test_brace_and_glob_expansion(tmp_path):
 def test_roundtrip_and_resolution_handling(tmp_path):
     sizes = [(16, 16), (10, 12), (50, 40), (16, 64), (64, 16), (7, 30)]
     originals = {}
-    with ShardWriter(tmp_path / "r-{index:06d}.tar", 4) as w:
+    with ShardWriter(tmp_path / "r-%06d.tar", 4) as w:
         for i, (h, wd) in enumerate(sizes):
             arr = _noise(h, wd, i)
             originals[f"img{i}"] = arr
@@ -287,21 +292,21 @@ def _write_bad_shards(d: Path) -> tuple[set[str], str]:
         put(w, key, png=_png(_noise(16, 16, i)), txt=f"c {key}")
         good.add(key)
 
-    with ShardWriter(d / "A-{index:06d}.tar", 100) as w:
+    with ShardWriter(d / "A-%06d.tar", 100) as w:
         for i in range(5):
             ok(w, f"a{i}", i)
-    with ShardWriter(d / "B-{index:06d}.tar", 100) as w:
+    with ShardWriter(d / "B-%06d.tar", 100) as w:
         ok(w, "b0", 10)
         put(w, "b_corrupt", png=b"\x89PNG garbage", txt="broken")
         ok(w, "b1", 11)
         put(w, "b_noimage", txt="only text", json={"x": 1})
         ok(w, "b2", 12)
-    with ShardWriter(d / "C-{index:06d}.tar", 100) as w:
+    with ShardWriter(d / "C-%06d.tar", 100) as w:
         ok(w, "c0", 20)
         put(w, "c_nocap", png=_png(_noise(16, 16, 21)))
         put(w, "c_small", png=_png(_noise(8, 8, 22)), txt="too small")
         ok(w, "c1", 23)
-    with ShardWriter(d / "D-{index:06d}.tar", 100) as w:
+    with ShardWriter(d / "D-%06d.tar", 100) as w:
         for i in range(6):
             put(w, f"d{i}", png=_png(_noise(16, 16, 30 + i)), txt=f"c d{i}")
     # cut D in the middle of sample d3's image data: d0..d2 survive, the rest is lost
@@ -310,13 +315,13 @@ def _write_bad_shards(d: Path) -> tuple[set[str], str]:
         m = tf.getmember("d3.png")
     path.write_bytes(path.read_bytes()[: m.offset_data + m.size // 2])
     good |= {"d0", "d1", "d2"}
-    names = ",".join(str(d / f"{x}-000000.tar") for x in "ABCD")
+    names = "::".join(str(d / f"{x}-000000.tar") for x in "ABCD")
     return good, names
 
 
 EXPECTED_ERRORS = {
     "corrupt_samples": 4, "broken_shards": 1, "undecodable_images": 1, "missing_images": 1,
-    "missing_captions": 1, "small_images": 1, "long_captions": 0,
+    "missing_captions": 1, "small_images": 1, "long_captions": 0, "bad_cache_entries": 0,
 }  # fmt: skip
 
 
@@ -491,11 +496,14 @@ def _make_folder(root: Path) -> dict[str, tuple[int, int, int]]:
         "wide16.png": Image.fromarray(np.full((8, 30), 257 * 200, dtype=np.uint16)),
         "cmyk.jpg": Image.new("CMYK", (16, 16), (0, 0, 0, 0)),
         "rgb.jpg": Image.new("RGB", (16, 16), (10, 200, 10)),
+        "photo.webp": Image.new("RGB", (16, 16), (200, 10, 10)),
     }
     expected = {"gray.png": (90,) * 3, "sub/rgba.png": (255,) * 3, "sub/deeper/palette.gif": (0, 0, 0),
-                "wide16.png": (200,) * 3, "cmyk.jpg": (255,) * 3, "rgb.jpg": (10, 200, 10)}  # fmt: skip
+                "wide16.png": (200,) * 3, "cmyk.jpg": (255,) * 3, "rgb.jpg": (10, 200, 10),
+                "photo.webp": (200, 10, 10), "rgb_named.png": (10, 200, 10)}  # fmt: skip
     for rel, img in files.items():
         img.save(root / rel)
+    files["rgb.jpg"].save(root / "rgb_named.png", format="JPEG")  # a JPEG behind a .png name
     (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not really a png")
     (root / "nocaption.png").write_bytes(_png(_noise(8, 8, 1)))
     (root / "notes.md").write_text("ignored")
@@ -512,12 +520,20 @@ def _check_converted(out: Path, report: dict, expected: dict[str, tuple[int, int
     samples = [s for p in sorted(out.glob("train-*.tar")) for s in iter_shard(str(p))]
     got = {json.loads(s["json"])["source"]: s for s in samples}
     assert sorted(got) == sorted(expected)
+    kept = {"gray.png": "png", "rgb.jpg": "jpg", "rgb_named.png": "jpg", "photo.webp": "webp"}
     for rel, rgb in expected.items():
         s = got[rel]
         assert s["txt"].decode() == f"caption of {rel}"
-        img = Image.open(io.BytesIO(s["png"]))
-        assert img.format == "PNG" and img.mode == "RGB"
+        if rel in kept:  # clean RGB/grey JPEG, PNG, WebP: the file's own bytes, under its real format
+            assert {k for k in s if not k.startswith("__")} == {kept[rel], "txt", "json"}
+            assert s[kept[rel]] == (out.parent / "src" / rel).read_bytes()
+            img = load_rgb(s[kept[rel]])
+        else:
+            img = Image.open(io.BytesIO(s["png"]))
+            assert img.format == "PNG" and img.mode == "RGB"
         assert np.abs(np.subtract(img.getpixel((0, 0)), rgb)).max() <= 2, rel
+    assert report["num_kept_original"] == len(kept)
+    assert report["reencoded"] == {"alpha": 1, "cmyk": 1, "high_bit_depth": 1, "palette": 1}
 
 
 @pytest.mark.parametrize("source", ["sidecar", "jsonl", "csv"])

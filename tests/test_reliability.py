@@ -247,7 +247,7 @@ def test_concurrent_runs_never_clobber_each_others_data(tmp_path):
 
 
 def test_input_limits_skip_and_count(tmp_path):
-    with ShardWriter(tmp_path / "s-{index:06d}.tar", 100) as writer:
+    with ShardWriter(tmp_path / "s-%06d.tar", 100) as writer:
         for i in range(12):
             writer.write({"__key__": f"ok{i}", "png": encode_png(np.full((32, 32, 3), i * 20, np.uint8)), "txt": "x"})
         writer.write({"__key__": "tiny", "png": encode_png(np.zeros((1, 1, 3), np.uint8)), "txt": "a 1x1 image"})

@@ -1,6 +1,6 @@
 """Data layer: webdataset shards, the synthetic shapes dataset, folder conversion and the DataModule."""
 
-from .datamodule import ShardDataModule, ShardTrainDataset, ShardValDataset, expand_braces, expand_shards
+from .datamodule import ShardDataModule, ShardTrainDataset, ShardValDataset, expand_shards
 from .folder import convert_folder
 from .prompts import PromptDataModule, read_prompts
 from .shapes import (
@@ -30,7 +30,6 @@ __all__ = [
     "brace_pattern",
     "convert_folder",
     "encode_png",
-    "expand_braces",
     "expand_shards",
     "generate_shapes_dataset",
     "iter_shard",

@@ -29,9 +29,11 @@ def _non_negative(text: str) -> int:
 def build_parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="Create webdataset tar shards (png + txt caption + json metadata per sample) for training.",
+        description="Create webdataset tar shards (an image + txt caption + json metadata per sample) for training.",
+        epilog="precompute: the training cache of a stage (its frozen models' outputs), from the fit's configs; "
+        "see `python -m lit_wuerstchen data precompute --help`.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{shapes,folder}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{shapes,folder,precompute}")
 
     shapes = sub.add_parser(
         "shapes",
@@ -56,7 +58,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         description="Convert a folder (searched recursively) of images into shards. Captions come from a "
         "sidecar <stem>.txt next to each image, or captions.jsonl / captions.csv at the root with a "
         "file|image|path column and a caption|text column. Every image is re-encoded as RGB PNG. "
-        "Unreadable or uncaptioned images are skipped and listed in OUT/conversion_report.json.",
+        "Unreadable or uncaptioned images are skipped and listed in OUT/conversion_report.json. Clean RGB/grey "
+        "JPEG, PNG and WebP files are stored as they are; others (CMYK, 16-bit, palette, alpha, other formats) as PNG.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     folder.add_argument("--src", required=True, help="folder with images (and captions)")
@@ -110,6 +113,8 @@ def _run_folder(args: argparse.Namespace) -> int:
         f"skipped {report['num_unreadable']} unreadable, {report['num_missing_caption']} without caption, "
         f"{report['num_too_small']} too small and {report['num_caption_too_long']} with too long a caption"
     )
+    reencoded = ", ".join(f"{n} {reason}" for reason, n in report["reencoded"].items()) or "none"
+    print(f"  {report['num_kept_original']} stored as they were; re-encoded as PNG: {reencoded}")
     if report["shards"]:
         print(f"  {len(report['shards'])} shard(s) in {args.out}   {args.prefix}_shards: {report['pattern']}")
     print(f"  report: {args.out}/{REPORT_NAME}")

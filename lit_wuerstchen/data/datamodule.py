@@ -1,10 +1,16 @@
 """``ShardDataModule``: image/caption batches from webdataset tar shards, DDP-safe and error-tolerant.
 
+Shards are any URLs webdataset opens (local brace patterns, ``pipe:`` commands, http(s)), read by webdataset
+pipelines (``wds.DataPipeline``: ``ResampledShards`` or ``SimpleShardList`` -> ``url_opener`` -> our tar reading
+stage -> ``wds.shuffle``). On top of them, this module keeps what webdataset leaves to its users: disjoint shards per
+rank, an exact number of batches per epoch, an exact resume, and counts of what was skipped.
+
 Training (per rank, per epoch exactly ``train_batches_per_epoch`` batches, so DDP ranks never wait on each
-other): the shard list is split by rank first (rank r owns shards ``r::world``), then by DataLoader worker
-when the rank owns at least one shard per worker (otherwise every worker of the rank draws from all of the
-rank's shards, with its own seed). Each worker resamples shards with replacement from its subset forever,
-shuffles raw samples through a buffer, decodes, batches (dropping nothing but the cut at the end) and stops
+other): the shard list is split by rank first (rank r owns shards ``r::world``, ``wds.split_by_node``'s rule, taken in
+the main process where the process group lives), then by DataLoader worker when the rank owns at least one shard per
+worker (otherwise every worker of the rank draws from all of the rank's shards, with its own seed). Each worker
+resamples shards with replacement from its subset forever (``wds.ResampledShards``, seeded per rank, worker role and
+epoch), shuffles raw samples through a buffer, decodes, batches (dropping nothing but the cut at the end) and stops
 after its share of the rank's batches.
 
 Validation (finite, not resampled, every sample exactly once over all ranks and workers): with ``S`` =
@@ -27,36 +33,42 @@ shards and a shared bad sample is counted once per worker.
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import logging
 import os
 import random
-import re
 import uuid
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import lightning as L
 import numpy as np
 import torch
 import torch.distributed as dist
+import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.shardlists import expand_urls
 
+from .cache import cache_shard_urls, check_data, decode_entry, open_cache
 from .shapes import generate_shapes_dataset, read_manifest, set_name, shapes_args
-from .shards import IMAGE_EXTENSIONS, ShardReadError, folder_lock, iter_shard, load_rgb
+from .shards import IMAGE_EXTENSIONS, ShardReadError, folder_lock, load_rgb, open_shards
 
 log = logging.getLogger(__name__)
 
-# Counters carried in ``data_errors``; ``corrupt_samples`` is the total of the four sample reasons.
+# Counters carried in ``data_errors``; ``corrupt_samples`` is the total of the sample reasons.
 SAMPLE_REASONS: tuple[str, ...] = (
     "undecodable_images",
     "missing_images",
     "missing_captions",
     "small_images",
     "long_captions",
+    "bad_cache_entries",
 )
 COUNT_KEYS: tuple[str, ...] = ("corrupt_samples", "broken_shards", *SAMPLE_REASONS)
 # A worker that skips this many samples in a row has no usable data: fail loudly instead of spinning.
@@ -64,68 +76,40 @@ MAX_CONSECUTIVE_SKIPS = 20_000
 
 
 # -- shard lists ------------------------------------------------------------------------------------------------
-def _split_top_level(spec: str) -> list[str]:
-    """Split on commas that are not inside braces (``a-{0..3}.tar,b-{x,y}.tar`` -> two parts)."""
-    parts, depth, start = [], 0, 0
-    for i, ch in enumerate(spec):
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            parts.append(spec[start:i])
-            start = i + 1
-    parts.append(spec[start:])
-    return [p.strip() for p in parts if p.strip()]
+def _is_local(url: str) -> bool:
+    return urlparse(url).scheme in ("", "file")
 
 
-_RANGE_RE = re.compile(r"(-?\d+)\.\.(-?\d+)")
+def expand_shards(spec: str | list[str]) -> list[str]:
+    """Resolve a shard spec to its list of URLs, in order.
 
-
-def expand_braces(pattern: str) -> list[str]:
-    """Shell-style brace expansion: ``x-{000..002}.tar`` (zero padding kept) and ``{a,b}`` alternatives."""
-    start = pattern.find("{")
-    if start < 0:
-        return [pattern]
-    depth = 0
-    for end in range(start, len(pattern)):
-        depth += {"{": 1, "}": -1}.get(pattern[end], 0)
-        if depth == 0:
-            break
-    else:
-        raise ValueError(f"unbalanced '{{' in shard pattern {pattern!r}")
-    head, body, tail = pattern[:start], pattern[start + 1 : end], pattern[end + 1 :]
-    m = _RANGE_RE.fullmatch(body)
-    if m:
-        a, b = int(m.group(1)), int(m.group(2))
-        width = len(m.group(1)) if m.group(1).startswith("0") else 0
-        step = 1 if b >= a else -1
-        options = [f"{n:0{width}d}" for n in range(a, b + step, step)]
-    else:
-        options = []
-        for opt in _split_top_level(body) if "," in body else [body]:
-            options.extend(expand_braces(opt))
-    return [head + opt + rest for opt in options for rest in expand_braces(tail)]
-
-
-def expand_shards(spec: str) -> list[str]:
-    """Resolve a shard spec (brace pattern, glob, or comma-separated mix) to existing files, in order.
-
-    Raises ``FileNotFoundError`` naming the pattern when it matches nothing or names files that do not exist.
+    webdataset's syntax (``wds.shardlists.expand_urls``): brace ranges and alternatives (``d/x-{000000..000099}.tar``,
+    ``{a,b}``), ``::`` between parts, ``${WDS_NAME}`` from the environment; a list is taken part by part. Local paths
+    may also be shell globs, and must exist (``FileNotFoundError`` naming the pattern, so a typo fails at start-up);
+    other URLs (``pipe:``, ``http(s)://``, ...) are taken as they are: webdataset opens them when they are read.
     """
-    if not spec or not spec.strip():
-        raise FileNotFoundError("empty shard pattern")
+    parts = [spec] if isinstance(spec, str) else list(spec)
+    if not parts or not all(isinstance(p, str) and p.strip() for p in parts):
+        raise FileNotFoundError(f"empty shard pattern {spec!r}")
     urls: list[str] = []
-    for part in _split_top_level(spec):
-        for item in expand_braces(os.path.expanduser(part)):
-            if glob.has_magic(item):
-                matches = sorted(glob.glob(item))
+    for part in parts:
+        try:
+            expanded = expand_urls(part.strip())
+        except AssertionError as e:  # webdataset asserts on an unset ${WDS_...} variable
+            raise ValueError(f"shard pattern {part!r}: {e}") from None
+        for url in expanded:
+            if not _is_local(url):
+                urls.append(url)
+                continue
+            path = os.path.expanduser(url2pathname(urlparse(url).path) if url.startswith("file:") else url)
+            if glob.has_magic(path):
+                matches = sorted(glob.glob(path))
                 if not matches:
-                    raise FileNotFoundError(f"shard pattern {part!r} matches no files (glob {item!r})")
+                    raise FileNotFoundError(f"shard pattern {part!r} matches no files (glob {path!r})")
                 urls.extend(matches)
             else:
-                urls.append(item)
-    missing = [u for u in urls if not os.path.isfile(u)]
+                urls.append(path)
+    missing = [u for u in urls if _is_local(u) and not os.path.isfile(u)]
     if missing:
         if len(missing) == len(urls):
             raise FileNotFoundError(f"shard pattern {spec!r} matches no files (e.g. {missing[0]!r} does not exist)")
@@ -165,6 +149,19 @@ class _ErrorLog:
         self.counts["broken_shards"] += 1
         log.warning("[data %s] broken shard %s: %s (its readable samples are still used)", self.worker, url, detail)
 
+    def shard_handler(self, owned: set[str] | None = None) -> Callable[[Exception], bool]:
+        """A webdataset exception handler: warns once per shard, counts it (when ``owned`` is None or holds its URL:
+        readers that share shards let one of them report), and skips to the next shard."""
+
+        def handle(exn: Exception) -> bool:
+            if not isinstance(exn, ShardReadError):
+                return False  # a bug, not bad data: let it surface
+            if owned is None or exn.url in owned:
+                self.shard(exn.url, str(exn))
+            return True
+
+        return handle
+
     def snapshot(self) -> dict[str, Any]:
         return {"worker": self.worker, **self.counts}
 
@@ -191,16 +188,27 @@ def _text(data: Any) -> str:
 
 
 class _Decoder:
-    """Turns a raw sample into ``(image HxWx3 uint8, caption, key, meta)``, or None after recording why."""
+    """Turns a raw sample into ``(image HxWx3 uint8 | None, caption, key, meta, entries | None)``, or None after
+    recording why. With ``entries`` (a cache's), the sample's ``<name>.npy`` members are read into ``entries`` and the
+    image, when ``image`` is set, takes the centre crop the entries were made from."""
 
     def __init__(
-        self, resolution: int, resize_to: int, require_caption: bool, min_image_side: int, max_caption_length: int
+        self,
+        resolution: int,
+        resize_to: int,
+        require_caption: bool,
+        min_image_side: int,
+        max_caption_length: int,
+        entries: tuple[str, ...] = (),
+        image: bool = True,
     ):
         self.resolution = resolution
         self.resize_to = resize_to
         self.require_caption = require_caption
         self.min_image_side = min_image_side
         self.max_caption_length = max_caption_length
+        self.entries = entries
+        self.image = image
 
     def __call__(self, sample: dict[str, Any], errors: _ErrorLog, rng: Any | None) -> tuple | None:
         key, url = sample["__key__"], sample["__url__"]
@@ -221,6 +229,16 @@ class _Decoder:
             detail = f"caption of {len(caption)} characters > max_caption_length={self.max_caption_length}"
             errors.sample(url, key, "long_captions", detail)
             return None
+        entries = None
+        if self.entries:
+            try:
+                entries = {name: decode_entry(sample[f"{name}.npy"]) for name in self.entries}
+            except (KeyError, ValueError, OSError) as e:
+                errors.sample(url, key, "bad_cache_entries", f"cache entry missing or unreadable: {e!r}")
+                return None
+            rng = None  # the entries were made from the centre crop
+        if not self.image:
+            return None, caption, key, meta, entries
         ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
         if ext is None:
             exts = sorted(k for k in sample if not k.startswith("__"))
@@ -235,35 +253,25 @@ class _Decoder:
             detail = f"image {img.size[0]}x{img.size[1]} < min_image_side={self.min_image_side}"
             errors.sample(url, key, "small_images", detail)
             return None
-        return _resize_crop(img, self.resize_to, self.resolution, rng), caption, key, meta
+        return _resize_crop(img, self.resize_to, self.resolution, rng), caption, key, meta, entries
+
+
+def images_to_tensor(images: list[np.ndarray]) -> torch.Tensor:
+    """HxWx3 uint8 arrays -> a float [B, 3, H, W] batch in [0, 1]."""
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous().float().div_(255.0)
 
 
 def _collate(items: list[tuple], errors: _ErrorLog) -> dict[str, Any]:
-    images = torch.from_numpy(np.stack([it[0] for it in items])).permute(0, 3, 1, 2).contiguous()
-    return {
-        "image": images.float().div_(255.0),
-        "caption": [it[1] for it in items],
-        "key": [it[2] for it in items],
-        "meta": [it[3] for it in items],
-        "data_errors": errors.snapshot(),
-    }
-
-
-def _shuffle(samples: Iterator[dict[str, Any]], size: int, rng: random.Random) -> Iterator[dict[str, Any]]:
-    """Reservoir-style shuffle buffer over raw (still encoded, so small) samples."""
-    if size <= 1:
-        yield from samples
-        return
-    buf: list[dict[str, Any]] = []
-    for s in samples:
-        if len(buf) < size:
-            buf.append(s)
-            continue
-        i = rng.randrange(size)
-        yield buf[i]
-        buf[i] = s
-    rng.shuffle(buf)
-    yield from buf
+    batch: dict[str, Any] = {}
+    if items[0][0] is not None:
+        batch["image"] = images_to_tensor([it[0] for it in items])
+    batch["caption"] = [it[1] for it in items]
+    batch["key"] = [it[2] for it in items]
+    batch["meta"] = [it[3] for it in items]
+    if items[0][4] is not None:  # cached entries stay fp16 (half the bytes to the device); the stage casts them
+        batch["cache"] = {name: torch.from_numpy(np.stack([it[4][name] for it in items])) for name in items[0][4]}
+    batch["data_errors"] = errors.snapshot()
+    return batch
 
 
 def _identity(batch: Any) -> Any:
@@ -276,6 +284,12 @@ def _worker() -> tuple[int, int]:
 
 
 # -- datasets -----------------------------------------------------------------------------------------------------
+def _role_seeded() -> int:
+    """``worker_seed`` for ``wds.ResampledShards``: the stream seed already names the role (which, after a resume, is
+    not the worker's id), so the worker adds nothing."""
+    return 0
+
+
 def _stream_seed(*parts: int) -> int:
     state = np.random.SeedSequence([int(p) for p in parts]).generate_state(2)
     return int(state[0]) << 32 | int(state[1])
@@ -358,39 +372,26 @@ class ShardTrainDataset(IterableDataset):
         """Batches one role yields per epoch (the rank's batches dealt round-robin over the roles)."""
         return self.batches_per_epoch // num_workers + (role < self.batches_per_epoch % num_workers)
 
-    def _resampled(self, shards: list[str], rng: random.Random, errors: _ErrorLog) -> Iterator[dict[str, Any]]:
-        empty_in_a_row = 0
-        while True:
-            url = rng.choice(shards)
-            got = 0
-            try:
-                for sample in iter_shard(url):
-                    got += 1
-                    yield sample
-            except ShardReadError as e:
-                errors.shard(url, str(e))
-            empty_in_a_row = 0 if got else empty_in_a_row + 1
-            if empty_in_a_row >= max(20, 5 * len(shards)):
-                raise RuntimeError(
-                    f"[data {errors.worker}] no readable samples in {empty_in_a_row} shard reads from "
-                    f"{len(shards)} shard(s), e.g. {shards[:3]}"
-                )
-
     def _batches(
         self, role: int, workers: int, epoch: int, skip_raw: int, errors: _ErrorLog
     ) -> Iterator[dict[str, Any]]:
-        """One role's stream of one epoch (shard resampling -> shuffle buffer -> decode -> batch), after skipping
-        ``skip_raw`` raw samples (a resumed position)."""
+        """One role's stream of one epoch, after skipping ``skip_raw`` raw samples (a resumed position): webdataset's
+        seeded shard resampling -> opening and our tar reading -> webdataset's shuffle buffer -> decode -> batch."""
         stream_seed = _stream_seed(self.seed, self.rank, role, epoch)
-        rng = random.Random(stream_seed)
-        stream = _shuffle(self._resampled(self.worker_shards(role, workers), rng, errors), self.shuffle_buffer, rng)
-        raw = 0
-        for _ in range(skip_raw):
-            next(stream)
-            raw += 1
+        raw_samples = wds.DataPipeline(
+            wds.ResampledShards(
+                self.worker_shards(role, workers), seed=stream_seed, worker_seed=_role_seeded, deterministic=True
+            ),
+            *open_shards(
+                errors.shard_handler(), max_empty_in_a_row=max(20, 5 * len(self.worker_shards(role, workers)))
+            ),
+            wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=random.Random(stream_seed)),
+            wds.slice(skip_raw, None),
+        )
+        raw = skip_raw
         batch: list[tuple] = []
         skipped = 0
-        for sample in stream:
+        for sample in raw_samples:
             item = self.decoder(sample, errors, _SampleRandom(stream_seed, raw))
             raw += 1
             if item is None:
@@ -488,19 +489,18 @@ class ShardValDataset(IterableDataset):
         self._errors: _ErrorLog | None = None
 
     def _raw(self, slot: int, slots: int, errors: _ErrorLog) -> Iterator[dict[str, Any]]:
-        by_shard = len(self.shards) >= slots
-        index = 0
-        for si, url in enumerate(self.shards):
-            if by_shard and si % slots != slot:
-                continue
-            try:
-                for sample in iter_shard(url):
-                    if by_shard or index % slots == slot:
-                        yield sample
-                    index += 1
-            except ShardReadError as e:
-                if si % slots == slot:  # every slot reads it in sample mode: one of them reports it
-                    errors.shard(url, str(e))
+        owned = self.shards[slot::slots]
+        if len(self.shards) >= slots:  # every reader slot reads its own shards
+            yield from wds.DataPipeline(wds.SimpleShardList(owned), *open_shards(errors.shard_handler())).iterator()
+            return
+        # fewer shards than readers: every slot reads every shard and keeps every slots-th sample; the slot that
+        # owns a shard reports its damage
+        samples = wds.DataPipeline(wds.SimpleShardList(self.shards), *open_shards(errors.shard_handler(set(owned))))
+        iterator = samples.iterator()
+        try:
+            yield from itertools.islice(iterator, slot, None, slots)
+        finally:
+            iterator.close()  # an open pipe: or http stream ends with the reader
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         wid, nw = _worker()
@@ -551,6 +551,9 @@ class ShardDataModule(L.LightningDataModule):
             reads 77 tokens anyway).
         synthetic_dir / synthetic_num_train / synthetic_num_val / synthetic_seed: the synthetic set.
         seed: seed of shard resampling, shuffling and crops.
+        cache: train from a cache made by ``data precompute`` for these data settings (a folder, a URL prefix, or a
+            template with ``{name}``; see :mod:`lit_wuerstchen.data.cache`) instead of the raw training shards.
+            Validation always reads the raw ``val_shards``. None: raw shards.
     """
 
     def __init__(
@@ -573,6 +576,7 @@ class ShardDataModule(L.LightningDataModule):
         synthetic_num_val: int = 512,
         synthetic_seed: int = 0,
         seed: int = 0,
+        cache: str | None = None,
     ):
         super().__init__()
         if resolution < 1:
@@ -610,6 +614,8 @@ class ShardDataModule(L.LightningDataModule):
         self.synthetic_num_val = synthetic_num_val
         self.synthetic_seed = synthetic_seed
         self.seed = seed
+        self.cache = cache
+        self.cache_manifest: dict[str, Any] | None = None  # read in setup(); the stage checks its models against it
         self._train_urls: list[str] | None = None
         self._val_urls: list[str] | None = None
         self._error_state: dict[str, dict[str, Any]] = {}
@@ -677,7 +683,7 @@ class ShardDataModule(L.LightningDataModule):
         names = manifest["shards"][split]
         if not names:
             raise FileNotFoundError(f"synthetic data in {self.synthetic_set!r} has no {split} shards")
-        return expand_shards(",".join(os.path.join(self.synthetic_set, n) for n in names))
+        return expand_shards([os.path.join(self.synthetic_set, n) for n in names])
 
     # -- shard lists -----------------------------------------------------------------------------------------------
     def train_urls(self) -> list[str]:
@@ -698,19 +704,38 @@ class ShardDataModule(L.LightningDataModule):
                 self._val_urls = expand_shards(self.val_shards) if self.val_shards is not None else []
         return self._val_urls
 
+    def data_settings(self) -> dict[str, Any]:
+        """What decides which samples are used and how they are cropped (a cache is made for one such setting)."""
+        return {
+            "resolution": self.resolution,
+            "resize_to": self.resize_to or self.resolution,
+            "min_image_side": self.min_image_side,
+            "max_caption_length": self.max_caption_length,
+            "require_caption": self.require_caption,
+        }
+
     def setup(self, stage: str | None = None) -> None:
         # resolve patterns now so a typo fails at start-up, not when the first loader is built
         if stage in (None, "fit"):
             self.train_urls()
+            if self.cache is not None and self.cache_manifest is None:
+                manifest = open_cache(self.cache)
+                check_data(manifest, self.cache, self.data_settings(), self.train_urls())
+                self.cache_manifest = manifest
         if stage in (None, "fit", "validate", "test"):
             self.val_urls()
 
     # -- loaders -----------------------------------------------------------------------------------------------------
-    def _decoder(self, crop: int | None = None) -> _Decoder:
+    def _decoder(self, crop: int | None = None, entries: tuple[str, ...] = (), image: bool = True) -> _Decoder:
         crop = crop or self.resolution
+        resize_to = self.resize_to or self.resolution
         return _Decoder(
-            crop, self.resize_to or self.resolution, self.require_caption, self.min_image_side, self.max_caption_length
+            crop, resize_to, self.require_caption, self.min_image_side, self.max_caption_length, entries, image
         )
+
+    def centre_crop_decoder(self) -> _Decoder:
+        """The training images as a cache takes them: decoded, filtered, centre-cropped at ``resolution``."""
+        return self._decoder()
 
     def _loader(self, dataset: IterableDataset, loader_class: type[DataLoader] = DataLoader) -> DataLoader:
         return loader_class(
@@ -731,9 +756,17 @@ class ShardDataModule(L.LightningDataModule):
         warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
         rank, world = _dist_info()
         trainer = getattr(self, "trainer", None)
+        if self.cache is not None:
+            self.setup("fit")
+            manifest = self.cache_manifest
+            assert manifest is not None
+            urls = cache_shard_urls(self.cache, manifest)
+            decoder = self._decoder(entries=tuple(manifest["entries"]), image=manifest["keeps_image"])
+        else:
+            urls, decoder = self.train_urls(), self._decoder()
         dataset = ShardTrainDataset(
-            self.train_urls(),
-            self._decoder(),
+            urls,
+            decoder,
             batch_size=self.batch_size,
             batches_per_epoch=self.train_batches_per_epoch,
             shuffle_buffer=self.shuffle_buffer,

@@ -1,4 +1,10 @@
-"""Convert a folder of captioned images into the shard format of the shapes set (``png``, ``txt``, ``json``).
+"""Convert a folder of captioned images into webdataset shards (an image member, ``txt``, ``json``).
+
+JPEG, PNG and WebP files that decode cleanly and are already 8-bit RGB (or 8-bit grey, which every reader turns into
+RGB the same way) are stored as they are, under ``jpg``/``png``/``webp`` by their real format: re-encoding a JPEG as
+PNG made shards ~10x larger. The rest is decoded and stored as an RGB PNG, for a reason the report counts: ``cmyk``,
+``high_bit_depth`` (16-bit, 32-bit, float), ``palette``, ``alpha`` (composited on white), ``animated`` (first frame),
+``other_mode`` or ``other_format`` (BMP, TIFF, GIF, ...).
 
 Caption sources, in order of precedence: a sidecar ``<stem>.txt`` next to the image, then ``captions.jsonl``,
 then ``captions.csv`` at the root. The two tables name the image in a ``file``/``image``/``path`` column
@@ -84,7 +90,9 @@ def convert_folder(
 ) -> dict[str, Any]:
     """Write ``OUT/<prefix>-%06d.tar`` from the images under ``src`` (recursive, sorted, so reproducible).
 
-    Every image is decoded and re-encoded as an RGB PNG (any mode: see :func:`load_rgb`). Unreadable images,
+    Every image is decoded (a file that does not decode cleanly is skipped); clean RGB/grey JPEG, PNG and WebP files
+    are stored byte for byte, the others as RGB PNGs (see the module's docstring; any mode: :func:`load_rgb`). The
+    report counts both (``num_kept_original``, ``reencoded``: reason -> count). Unreadable images,
     images without a caption, images whose shorter side is under ``min_image_side`` and captions longer than
     ``max_caption_length`` characters are skipped and listed in the returned report, which is also written to
     ``OUT/conversion_report.json``. Keys are ``<prefix>_<index>``; the sample's json records the source path,
@@ -95,7 +103,7 @@ def convert_folder(
     src_path, out_path = Path(src), Path(out)
     if not src_path.is_dir():
         raise FileNotFoundError(f"source folder {str(src_path)!r} does not exist or is not a directory")
-    if not prefix or any(c in prefix for c in "./\\{}"):
+    if not prefix or any(c in prefix for c in "./\\{}%"):
         raise ValueError(f"bad shard prefix {prefix!r}")
     if out_path.exists() and not out_path.is_dir():
         raise ValueError(f"{out_path} is a file, not a folder")
@@ -135,8 +143,9 @@ def _convert(src_path: Path, out_path: Path, tmp: Path, samples_per_shard: int, 
     caption_too_long: list[str] = []
     used_table_keys: set[str] = set()
     source_counts = {"sidecar": 0, "jsonl": 0, "csv": 0}
+    reencoded: dict[str, int] = {}
     t0 = time.perf_counter()
-    with ShardWriter(tmp / f"{prefix}-{{index:06d}}.tar", samples_per_shard) as writer:
+    with ShardWriter(tmp / f"{prefix}-%06d.tar", samples_per_shard) as writer:
         for path in tqdm(images, desc=f"converting {src_path.name}", unit="img", disable=not progress):
             rel = path.relative_to(src_path).as_posix()
             caption, source = "", ""
@@ -161,7 +170,7 @@ def _convert(src_path: Path, out_path: Path, tmp: Path, samples_per_shard: int, 
             try:
                 data = path.read_bytes()
                 img = load_rgb(data)
-                with_mode = _original_mode(data)
+                original = _original_format(data)
             except (OSError, ValueError) as e:
                 unreadable.append({"path": rel, "reason": str(e)})
                 log.warning("unreadable image %s: %s", rel, e)
@@ -170,11 +179,15 @@ def _convert(src_path: Path, out_path: Path, tmp: Path, samples_per_shard: int, 
                 too_small.append(rel)
                 log.warning("image %s is %dx%d < min_image_side %d: skipped", rel, *img.size, min_image_side)
                 continue
+            reason = _reencode_reason(original)
+            ext, stored = (KEPT_FORMATS[original["format"]], data) if reason is None else ("png", encode_png(img))
+            reencoded[reason or "kept"] = reencoded.get(reason or "kept", 0) + 1
             writer.write({
                 "__key__": f"{prefix}_{writer.total:08d}",
-                "png": encode_png(img),
+                ext: stored,
                 "txt": caption,
-                "json": {"source": rel, "width": img.width, "height": img.height, "mode": with_mode},
+                "json": {"source": rel, "width": img.width, "height": img.height, "mode": original["mode"],
+                         "format": original["format"], "stored": "original" if reason is None else "png"},
             })  # fmt: skip
             source_counts[source] += 1
 
@@ -185,6 +198,8 @@ def _convert(src_path: Path, out_path: Path, tmp: Path, samples_per_shard: int, 
         "prefix": prefix,
         "num_images_found": len(images),
         "num_written": writer.total,
+        "num_kept_original": reencoded.pop("kept", 0),
+        "reencoded": dict(sorted(reencoded.items())),
         "num_unreadable": len(unreadable),
         "num_missing_caption": len(missing_caption),
         "num_too_small": len(too_small),
@@ -205,7 +220,31 @@ def _convert(src_path: Path, out_path: Path, tmp: Path, samples_per_shard: int, 
     return report
 
 
-def _original_mode(data: bytes) -> str:
-    """The stored mode before conversion (for the sample's metadata only)."""
+KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # Pillow's format name -> member extension
+
+
+def _original_format(data: bytes) -> dict[str, Any]:
+    """Format, mode and frame count of the stored file, before any conversion."""
     with Image.open(io.BytesIO(data)) as im:
-        return im.mode
+        transparent = "transparency" in im.info
+        return {"format": im.format, "mode": im.mode, "frames": getattr(im, "n_frames", 1), "transparent": transparent}
+
+
+def _reencode_reason(original: dict[str, Any]) -> str | None:
+    """Why a (cleanly decoding) file cannot be stored as it is, or None when it can."""
+    mode = original["mode"]
+    if mode == "CMYK":
+        return "cmyk"
+    if mode.startswith("I") or mode == "F":
+        return "high_bit_depth"
+    if mode in ("P", "PA"):
+        return "palette"
+    if "A" in mode or "a" in mode or original["transparent"]:
+        return "alpha"
+    if original["frames"] > 1:
+        return "animated"
+    if mode not in ("RGB", "L"):
+        return "other_mode"
+    if original["format"] not in KEPT_FORMATS:
+        return "other_format"
+    return None

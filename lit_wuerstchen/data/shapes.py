@@ -226,7 +226,7 @@ def _write_shapes(out: Path, args: dict[str, Any], progress: bool) -> tuple[dict
     with tqdm(total=num_train + num_val, desc=f"shapes {resolution}px", unit="img", disable=not progress) as bar:
         for split_id, (split, count) in enumerate((("train", num_train), ("val", num_val))):
             rng = np.random.default_rng([seed, split_id])  # independent stream per split
-            with ShardWriter(out / f"{split}-{{index:06d}}.tar", args["samples_per_shard"]) as writer:
+            with ShardWriter(out / f"{split}-%06d.tar", args["samples_per_shard"]) as writer:
                 for i in range(count):
                     img, attrs = render_sample(rng, resolution)
                     writer.write({

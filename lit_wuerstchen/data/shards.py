@@ -1,7 +1,9 @@
-"""Deterministic, atomic webdataset shard writing and robust image decoding.
+"""Shards on webdataset: its URLs, pipelines and ``ShardWriter``, plus our fast tar reading and robust decoding.
 
-A webdataset shard is a plain tar file in which consecutive members sharing a *key* (the file name up to
-the first dot of its base name) form one sample, e.g. ``000042.png``, ``000042.txt``, ``000042.json``.
+A webdataset shard is a plain tar file in which consecutive members sharing a *key* (the file name up to the
+first dot of its base name) form one sample, e.g. ``000042.png``, ``000042.txt``, ``000042.json``. Shards are
+named by any URL webdataset opens (:func:`webdataset.gopen`): local paths, ``pipe:`` commands that write the tar to
+stdout (``pipe:aws s3 cp s3://bucket/x-000000.tar -``), ``http(s)://`` (read through curl) and the like.
 """
 
 from __future__ import annotations
@@ -9,21 +11,23 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import io
-import json
 import logging
 import os
 import re
 import shutil
 import struct
+import subprocess
 import tempfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import numpy as np
+import webdataset as wds
 from PIL import Image, ImageOps
+from webdataset.tariterators import url_opener
 
 log = logging.getLogger(__name__)
 
@@ -33,131 +37,61 @@ Image.MAX_IMAGE_PIXELS = 20_000 * 20_000
 IMAGE_EXTENSIONS: tuple[str, ...] = ("png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff", "gif", "ppm", "pgm")
 
 
-def _to_bytes(ext: str, value: Any) -> bytes:
-    """Encode one sample field; str -> utf-8, dict/list -> JSON (sorted keys so output is reproducible)."""
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value)
-    if isinstance(value, str):
-        return value.encode("utf-8")
-    if isinstance(value, (dict, list)):
-        return json.dumps(value, sort_keys=True, ensure_ascii=False).encode("utf-8")
-    if isinstance(value, (int, float)):
-        return str(value).encode("utf-8")
-    raise TypeError(f"field {ext!r}: cannot store a value of type {type(value).__name__} (give bytes or str)")
+# -- writing ------------------------------------------------------------------------------------------------------
+class ShardWriter(wds.ShardWriter):
+    """``webdataset.ShardWriter``, made atomic and reproducible.
 
-
-_BLOCK = 512
-_RECORD = 20 * _BLOCK
-_GNU_MAGIC = b"ustar  \0"
-
-
-def _tar_header(name: bytes, size: int, typeflag: bytes = b"0") -> bytes:
-    """One GNU tar header block with fixed metadata (mode 644, uid/gid 0, mtime 0, no user names).
-
-    Hand-built rather than through ``tarfile`` because that module's header code dominated generation time.
-    """
-    if size >= 8**11:
-        raise ValueError(f"member of {size} bytes is too large for a tar header")
-    h = bytearray(_BLOCK)
-    h[0 : len(name)] = name
-    h[100:108] = b"0000644\0"
-    h[108:116] = b"0000000\0"
-    h[116:124] = b"0000000\0"
-    h[124:136] = b"%011o\0" % size
-    h[136:148] = b"00000000000\0"
-    h[148:156] = b"        "  # checksum is computed with this field as spaces
-    h[156:157] = typeflag
-    h[257:265] = _GNU_MAGIC
-    h[148:156] = b"%06o\0 " % sum(h)
-    return bytes(h)
-
-
-def _padded(data: bytes) -> bytes:
-    return data + bytes((-len(data)) % _BLOCK)
-
-
-def _member_bytes(name: bytes, data: bytes) -> bytes:
-    """Header(s) + padded data of one regular-file member; names over 100 bytes use a GNU long-name entry."""
-    if len(name) > 100:
-        long_name = name + b"\0"
-        head = _tar_header(b"././@LongLink", len(long_name), b"L") + _padded(long_name)
-        head += _tar_header(name[:100], len(data))
-    else:
-        head = _tar_header(name, len(data))
-    return head + _padded(data)
-
-
-class ShardWriter:
-    """Writes samples into a sequence of tar shards, deterministically and atomically.
-
-    ``pattern`` is a path with an ``{index}`` format field, e.g. ``"out/train-{index:06d}.tar"``. Every shard is
-    first written as ``<name>.tmp`` and renamed when complete, so a crash leaves no file that looks like a
-    finished shard. Members get mtime 0, uid/gid 0 and a sorted per-sample order, so the same samples always
-    give byte-identical shards.
-
-    Use as a context manager; on an exception the unfinished shard is deleted.
+    ``pattern`` is webdataset's: a path with a ``%`` field for the shard number, e.g. ``"out/train-%06d.tar"``.
+    Values are encoded by webdataset's extension rules (``str`` -> UTF-8, ``json`` dict -> JSON, ``npy`` array ->
+    ``.npy``, bytes as they are). On top of webdataset: every shard is written as ``<name>.tmp``, synced and renamed
+    when complete (a crash never leaves a file that looks like a finished shard; an exception inside the ``with``
+    deletes the unfinished one); members get mtime 0, uid/gid 0 and no user names, so the same samples give
+    byte-identical shards; keys are checked (non-empty, unique, no dot in the base name); the first shard is opened at
+    the first sample, not at construction (no empty shard). ``shards`` lists the finished shard paths in order.
     """
 
-    def __init__(self, pattern: str | os.PathLike[str], max_samples_per_shard: int = 1000, start_index: int = 0):
-        if max_samples_per_shard < 1:
-            raise ValueError(f"max_samples_per_shard must be >= 1, got {max_samples_per_shard}")
-        self.pattern = str(pattern)
-        if self.pattern.format(index=0) == self.pattern.format(index=1):
-            raise ValueError(f"shard pattern {self.pattern!r} needs an '{{index}}' field, e.g. 'x-{{index:06d}}.tar'")
-        self.max_samples_per_shard = max_samples_per_shard
-        self.index = start_index
-        self.shards: list[str] = []  # finished shard paths, in order
-        self.total = 0  # samples written
+    def __init__(
+        self, pattern: str | os.PathLike[str], maxcount: int = 1000, maxsize: float = 3e9, start_shard: int = 0
+    ):
+        pattern = str(pattern)
+        try:
+            numbered = (pattern % 0) != (pattern % 1)
+        except TypeError:
+            numbered = False
+        if not numbered:
+            raise ValueError(f"shard pattern {pattern!r} needs one '%d'-style field, e.g. 'out/train-%06d.tar'")
+        if maxcount < 1:
+            raise ValueError(f"maxcount must be >= 1, got {maxcount}")
+        self.shards: list[str] = []
         self._file: io.BufferedWriter | None = None
-        self._written = 0
-        self._tmp_path: str | None = None
-        self._final_path: str | None = None
-        self._count = 0
         self._keys: set[str] = set()
+        self._started = False
+        tar_options = {"mtime": 0, "user": "", "group": "", "mode": 0o644, "format": "GNU_FORMAT"}
+        super().__init__(pattern, maxcount, maxsize, post=self._commit, start_shard=start_shard, verbose=0,
+                         opener=self._open_temporary, **tar_options)  # fmt: skip
 
-    # -- shard lifecycle -------------------------------------------------------------------------------------
-    def _open_next(self) -> None:
-        self._final_path = self.pattern.format(index=self.index)
-        self.index += 1
-        Path(self._final_path).parent.mkdir(parents=True, exist_ok=True)
-        self._tmp_path = self._final_path + ".tmp"
-        self._file = open(self._tmp_path, "wb")
-        self._written = 0
-        self._count = 0
+    def next_stream(self) -> None:
+        if self._started:
+            super().next_stream()
+        # else: called by webdataset's __init__; the first shard opens at the first write
 
-    def _put(self, data: bytes) -> None:
+    def _open_temporary(self, fname: str) -> io.BufferedWriter:
+        Path(fname).parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(fname + ".tmp", "wb")
+        return self._file
+
+    def _commit(self, fname: str) -> None:
         assert self._file is not None
-        self._file.write(data)
-        self._written += len(data)
-
-    def _finish_current(self) -> None:
-        if self._file is None:
-            return
-        # end-of-archive marker: two zero blocks, then pad to a whole record like GNU tar and Python's tarfile
-        end = self._written + 2 * _BLOCK
-        self._put(bytes(2 * _BLOCK + (-end) % _RECORD))
         self._file.flush()
         os.fsync(self._file.fileno())  # the rename must never expose a file whose bytes are not on disk yet
         self._file.close()
         self._file = None
-        assert self._tmp_path is not None and self._final_path is not None
-        os.replace(self._tmp_path, self._final_path)
-        self.shards.append(self._final_path)
+        os.replace(fname + ".tmp", fname)
+        self.shards.append(fname)
 
-    def _abort_current(self) -> None:
-        if self._file is None:
-            return
-        try:
-            self._file.close()
-        finally:
-            self._file = None
-            if self._tmp_path and os.path.exists(self._tmp_path):
-                os.remove(self._tmp_path)
-
-    # -- public API ------------------------------------------------------------------------------------------
-    def write(self, sample: dict[str, Any]) -> None:
-        """Add one sample: ``{"__key__": str, ext: bytes | str | dict, ...}``."""
-        key = sample.get("__key__")
+    def write(self, obj: dict[str, Any]) -> None:
+        """Add one sample: ``{"__key__": str, ext: value, ...}``."""
+        key = obj.get("__key__")
         if not isinstance(key, str) or not key:
             raise ValueError("sample needs a non-empty string '__key__'")
         if "." in os.path.basename(key):
@@ -165,43 +99,36 @@ class ShardWriter:
             raise ValueError(f"sample key {key!r} must not contain '.'")
         if key in self._keys:
             raise ValueError(f"duplicate sample key {key!r}")
-        fields = {k: v for k, v in sample.items() if not k.startswith("__")}
+        fields = [k for k in obj if not k.startswith("_")]
         if not fields:
             raise ValueError(f"sample {key!r} has no fields besides its key")
-        members = []
-        for ext in sorted(fields):
-            if not ext or "/" in ext:
-                raise ValueError(f"sample {key!r}: bad extension {ext!r}")
-            members.append((f"{key}.{ext}".encode(), _to_bytes(ext, fields[ext])))
-        if self._file is None or self._count >= self.max_samples_per_shard:
-            self._finish_current()
-            self._open_next()
-        for name, data in members:
-            self._put(_member_bytes(name, data))
+        bad = [k for k in fields if "/" in k]
+        if bad:
+            raise ValueError(f"sample {key!r}: bad extension(s) {bad}")
+        self._started = True
+        super().write(obj)
         self._keys.add(key)
-        self._count += 1
-        self.total += 1
-
-    def close(self) -> None:
-        """Finish the current shard (rename it into place)."""
-        self._finish_current()
-
-    def __enter__(self) -> ShardWriter:
-        return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         if exc_type is None:
             self.close()
-        else:
-            self._abort_current()
+            return
+        if self._file is not None:  # drop the unfinished shard; the finished ones stay
+            with contextlib.suppress(Exception):
+                self.tarstream.close()  # (else tarfile flushes into the closed file when collected)
+            self._file.close()
+            self._file = None
+            with contextlib.suppress(OSError):
+                os.remove(self.fname + ".tmp")
+        self.tarstream = None
 
 
 def brace_pattern(paths: list[str]) -> str:
-    """Compact a list like ``[d/train-000000.tar, d/train-000001.tar]`` into ``d/train-{000000..000001}.tar``.
+    """Compact ``[d/train-000000.tar, d/train-000001.tar]`` into webdataset's ``d/train-{000000..000001}.tar``.
 
-    Falls back to a comma-separated list when the names are not one contiguous numbered run.
+    Falls back to webdataset's ``::``-separated list when the names are not one contiguous numbered run.
     """
     if not paths:
         return ""
@@ -216,13 +143,19 @@ def brace_pattern(paths: list[str]) -> str:
         if len(heads) == len(tails) == len(widths) == 1 and nums == list(range(nums[0], nums[0] + len(nums))):
             w = widths.pop()
             return f"{heads.pop()}{{{nums[0]:0{w}d}..{nums[-1]:0{w}d}}}{tails.pop()}"
-    return ",".join(paths)
+    return "::".join(paths)
+
+
+# -- reading ------------------------------------------------------------------------------------------------------
+_BLOCK = 512
 
 
 class ShardReadError(Exception):
     """A shard is unreadable, truncated or corrupt (samples yielded before the damage are still complete)."""
 
+    url: str = ""
     member: str | None = None  # the member whose data was cut, when known
+    at_end: bool = False  # the stream ended early (truncation), rather than holding bad bytes
 
 
 def split_member_name(name: str) -> tuple[str, str] | None:
@@ -261,11 +194,27 @@ def _parse_pax(data: bytes) -> dict[str, str]:
     return out
 
 
-def _iter_members(f: io.BufferedReader) -> Iterator[tuple[str, bytes]]:
+class _RawStream(io.RawIOBase):
+    """Any object with ``read(n)`` (a file, webdataset's ``Pipe`` around curl or a shell command) as a raw stream,
+    so ``io.BufferedReader`` can serve the tar reader's many small reads from 1 MiB chunks."""
+
+    def __init__(self, stream: Any):
+        self.stream = stream
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.stream.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def _iter_members(f: Any) -> Iterator[tuple[str, bytes]]:
     """``(name, data)`` of the regular files of a tar stream; raises ShardReadError on damage.
 
-    A small reader instead of ``tarfile``: that module spent ~50 us per member on header parsing, about half
-    of the loader's time on small images, and silently stops at a truncated or invalid header.
+    Our reader instead of webdataset's (``tarfile`` underneath): ``tarfile`` spends ~50 us per member on header
+    parsing, about half of the loader's time on small images, and silently stops at a truncated or invalid header.
     Understands ustar (with prefix), GNU long names and PAX ``path``/``size`` records.
     """
     offset = 0
@@ -274,7 +223,9 @@ def _iter_members(f: io.BufferedReader) -> Iterator[tuple[str, bytes]]:
     while True:
         header = f.read(_BLOCK)
         if len(header) < _BLOCK:
-            raise ShardReadError(f"truncated at byte {offset + len(header)} (no end-of-archive marker)")
+            err = ShardReadError(f"truncated at byte {offset + len(header)} (no end-of-archive marker)")
+            err.at_end = True
+            raise err
         if header.count(0) == _BLOCK:
             return  # end-of-archive marker
         try:
@@ -295,11 +246,13 @@ def _iter_members(f: io.BufferedReader) -> Iterator[tuple[str, bytes]]:
         data = f.read(size)
         if len(data) < size:
             err = ShardReadError(f"truncated at byte {offset + _BLOCK + len(data)} (in {name!r}, {size} bytes)")
-            err.member = name
+            err.member, err.at_end = name, True
             raise err
         pad = (-size) % _BLOCK
         if pad and len(f.read(pad)) < pad:
-            raise ShardReadError(f"truncated at byte {offset + _BLOCK + size} (in padding)")
+            err = ShardReadError(f"truncated at byte {offset + _BLOCK + size} (in padding)")
+            err.at_end = True
+            raise err
         offset += _BLOCK + size + pad
         if typeflag == b"L":  # GNU long name for the next member
             long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
@@ -314,41 +267,139 @@ def _iter_members(f: io.BufferedReader) -> Iterator[tuple[str, bytes]]:
             yield name, data
 
 
-def iter_shard(path: str) -> Iterator[dict[str, Any]]:
-    """Yield the samples of one local tar shard in order: ``{"__key__", "__url__", ext: bytes, ...}``.
+def _stream_samples(stream: Any, url: str) -> Iterator[dict[str, Any]]:
+    """The samples of one opened tar stream, in order: ``{"__key__", "__url__", ext: bytes, ...}``.
 
-    Raises :class:`ShardReadError` when the shard cannot be opened, is truncated (including a missing
-    end-of-archive marker) or has a corrupt header. Samples yielded before the damage are complete; the sample
-    being assembled when it is found is dropped, as it may be missing members.
+    Raises :class:`ShardReadError` when the stream fails (a failing ``pipe:`` command or download included), is
+    truncated (including a missing end-of-archive marker) or has a corrupt header. Samples yielded before the damage
+    are complete; the sample being assembled when it is found is dropped, as it may be missing members.
     """
+    reader = io.BufferedReader(_RawStream(stream), buffer_size=1 << 20)
+    current: dict[str, Any] | None = None
     try:
-        f = open(path, "rb", buffering=1 << 20)
-    except OSError as e:
-        raise ShardReadError(f"cannot open: {e}") from e
-    with f:
-        current: dict[str, Any] | None = None
-        try:
-            for name, data in _iter_members(f):
-                parts = split_member_name(name)
-                if parts is None:
-                    continue
-                key, ext = parts
-                if current is not None and current["__key__"] != key:
-                    yield current  # a new key starts: the previous sample is complete
-                    current = None
-                if current is None:
-                    current = {"__key__": key, "__url__": path}
-                current[ext] = data
-        except ShardReadError as e:
-            # the data of a member of the *next* sample was cut: the sample before it is complete
-            parts = split_member_name(getattr(e, "member", "") or "")
-            if current is not None and parts is not None and parts[0] != current["__key__"]:
-                yield current
-            raise
-        except OSError as e:
-            raise ShardReadError(f"read error: {e}") from e
-        if current is not None:
+        for name, data in _iter_members(reader):
+            parts = split_member_name(name)
+            if parts is None:
+                continue
+            key, ext = parts
+            if current is not None and current["__key__"] != key:
+                yield current  # a new key starts: the previous sample is complete
+                current = None
+            if current is None:
+                current = {"__key__": key, "__url__": url}
+            current[ext] = data
+    except ShardReadError as e:
+        if e.at_end and (failure := _command_failure(stream, wait=True)):
+            e.args = (f"{failure}; {e}",)
+        # the data of a member of the *next* sample was cut: the sample before it is complete
+        parts = split_member_name(e.member or "")
+        if current is not None and parts is not None and parts[0] != current["__key__"]:
             yield current
+        raise
+    except OSError as e:  # includes webdataset's error for a pipe: command or curl that exited non-zero
+        raise ShardReadError(_read_error(stream, e)) from e
+    if current is not None:
+        yield current
+
+
+def _command_failure(stream: Any, wait: bool) -> str | None:
+    """What went wrong when a ``pipe:`` command or curl (webdataset's ``Pipe``) exited non-zero, else None. ``wait``:
+    the stream has ended, so the command is exiting; wait for its status (EOF can come before the exit)."""
+    proc = getattr(stream, "proc", None)
+    if proc is None:
+        return None
+    try:
+        status = proc.wait(timeout=10) if wait else proc.poll()
+    except subprocess.TimeoutExpired:
+        return None
+    if not status or status == 141:  # 141: SIGPIPE, we stopped reading
+        return None
+    if "curl" in str(getattr(stream, "args", "")):
+        hint = " (the server answered with an HTTP error, e.g. 404)" if status == 22 else ""
+        return f"curl exited with status {status}{hint}"
+    return f"the pipe: command exited with status {status}"
+
+
+def _read_error(stream: Any, error: OSError) -> str:
+    return f"read error: {_command_failure(stream, wait=False) or error}"
+
+
+def _close(stream: Any, url: str, complete: bool) -> None:
+    """Close a shard's stream. A command that exits non-zero after a complete tar is an error; one stopped early
+    (the epoch ended mid-shard: SIGPIPE) is not."""
+    try:
+        stream.close()
+    except OSError as e:
+        if complete:
+            raise ShardReadError(_read_error(stream, e)) from e
+        log.debug("closing %s early: %s", url, e)
+
+
+def _tar_samples(
+    sources: Iterable[dict[str, Any]],
+    handler: Callable[[Exception], bool] = wds.reraise_exception,
+    max_empty_in_a_row: int | None = None,
+) -> Iterator[dict[str, Any]]:
+    """webdataset stage: opened shards (``{"url", "stream"}`` from ``url_opener``) -> samples, by our tar reader.
+
+    A broken shard goes to ``handler`` (webdataset's convention: True skips to the next shard, False stops) with a
+    :class:`ShardReadError` whose ``url`` names it; its samples before the damage are kept. With
+    ``max_empty_in_a_row``, that many shards in a row without one sample raise ``RuntimeError``: an endless
+    resampled stream over unreadable shards must fail, not spin.
+    """
+    empty = 0
+    for source in sources:
+        url, stream, got, complete = source["url"], source["stream"], 0, False
+        try:
+            for sample in _stream_samples(stream, url):
+                got += 1
+                yield sample
+            complete = True
+            _close(stream, url, complete=True)
+        except ShardReadError as e:
+            e.url = url
+            if not handler(e):
+                return
+        finally:
+            if not complete:
+                _close(stream, url, complete=False)
+        empty = 0 if got else empty + 1
+        if max_empty_in_a_row is not None and empty >= max_empty_in_a_row:
+            raise RuntimeError(f"no readable samples in {empty} shard reads in a row (the last: {url})")
+
+
+tar_samples = wds.pipelinefilter(_tar_samples)
+
+
+def open_shards(
+    handler: Callable[[Exception], bool] = wds.reraise_exception, max_empty_in_a_row: int | None = None
+) -> list[Callable[[Iterable[dict[str, Any]]], Iterator[dict[str, Any]]]]:
+    """The pipeline stages from shard URLs (``{"url": ...}`` dicts, e.g. from ``wds.ResampledShards``) to samples:
+    webdataset's ``url_opener`` (local paths, ``pipe:``, http(s), ...) then :func:`tar_samples`. A shard that cannot
+    be opened goes to ``handler`` like a broken one."""
+
+    def opener_handler(exn: Exception) -> bool:
+        err = ShardReadError(f"cannot open: {exn.args[0] if exn.args else exn}")
+        err.url = str(exn.args[-1]) if exn.args else ""  # url_opener appends the URL to the exception's args
+        return handler(err)
+
+    return [wds.pipelinefilter(url_opener)(handler=opener_handler), tar_samples(handler, max_empty_in_a_row)]
+
+
+def iter_shard(url: str) -> Iterator[dict[str, Any]]:
+    """Yield the samples of one shard (any URL webdataset opens); raises :class:`ShardReadError` on damage."""
+    try:
+        stream = wds.gopen(url, "rb")
+    except Exception as e:
+        raise ShardReadError(f"cannot open {url}: {e}") from e
+    complete = False
+    try:
+        yield from _stream_samples(stream, url)
+        complete = True
+        _close(stream, url, complete=True)
+    finally:
+        if not complete:
+            _close(stream, url, complete=False)
 
 
 # -- images ----------------------------------------------------------------------------------------------------

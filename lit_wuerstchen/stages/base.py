@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from ..checkpoints import RECORD, stage_record
+from ..data.cache import check_models
 from ..diffusion import Diffusion, DiffusionConfig, SamplingConfig
 from ..errors import DivergenceError
 
@@ -325,6 +326,25 @@ class DiffusionStage(Stage):
     def diffusion_inputs(self, batch: dict, train: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
+    # --- the precomputed cache (`data precompute`, lit_wuerstchen.data.cache) -------------------------------------
+    cache_keeps_image = False
+    """Whether training from the cache still needs the image (Stage B: its compressor is trained on it)."""
+
+    def cache_models(self) -> dict[str, nn.Module]:
+        """The frozen models whose outputs the cache holds; their weight fingerprints go into its manifest."""
+        raise NotImplementedError
+
+    def cache_entries(self, images: torch.Tensor, captions: list[str]) -> dict[str, torch.Tensor]:
+        """What the cache stores per sample (``[B, ...]`` tensors), computed from centre-cropped images."""
+        raise NotImplementedError
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        datamodule = getattr(self.trainer, "datamodule", None)
+        manifest = getattr(datamodule, "cache_manifest", None)
+        if manifest is not None:  # stale or foreign caches are refused before the first step
+            check_models(manifest, datamodule.cache, self.stage, self.cache_models())
+
     def diffusion_loss(self, batch: dict, train: bool, generator: torch.Generator | None = None) -> torch.Tensor:
         """The weighted denoising loss on ``batch``; ``generator`` (on the model's device) fixes t and the noise
         for a comparable validation loss."""
@@ -334,14 +354,14 @@ class DiffusionStage(Stage):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.diffusion_loss(batch, train=True)
-        self.log_training(loss, len(batch["image"]))
+        self.log_training(loss, len(batch["key"]))
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         # The same t and noise for a batch at every validation: the loss curve shows the model, not the draw.
         generator = torch.Generator(device=self.device).manual_seed(batch_idx)
         loss = self.diffusion_loss(batch, train=False, generator=generator)
-        self.log("val/loss", loss, batch_size=len(batch["image"]), sync_dist=True)
+        self.log("val/loss", loss, batch_size=len(batch["key"]), sync_dist=True)
         self.validation_samples(batch, generator)
 
     def validation_samples(self, batch: dict, generator: torch.Generator) -> None:

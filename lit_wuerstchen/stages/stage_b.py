@@ -114,11 +114,22 @@ class StageB(DiffusionStage):
     def denoiser(self) -> nn.Module:
         return self.decoder
 
+    # --- the cache: Stage A's latents; the image stays (the compressor trains on it) ----------------------------
+    cache_keeps_image = True
+
+    def cache_models(self) -> dict[str, nn.Module]:
+        return {"stage_a": self.stage_a}
+
+    @torch.no_grad()
+    def cache_entries(self, images: torch.Tensor, captions: list[str]) -> dict[str, torch.Tensor]:
+        return {"latent": self.encode_stage_a(images)}
+
     def diffusion_inputs(self, batch: dict, train: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Stage A latents to denoise, conditioned on the compressor's semantic latent (dropped or noised now and
-        then in training)."""
+        """Stage A latents to denoise (from the cache when the batch has them), conditioned on the compressor's
+        semantic latent (dropped or noised now and then in training)."""
         images = batch["image"]
-        latents = self.encode_stage_a(images)
+        cached = batch.get("cache")
+        latents = cached["latent"].float() if cached is not None else self.encode_stage_a(images)
         semantic = self.compressor(images)
         if train:
             hp = self.hparams

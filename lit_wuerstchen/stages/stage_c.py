@@ -119,12 +119,47 @@ class StageC(DiffusionStage):
             "image_size": list(self.image_size) if self.image_size is not None else None,
         }
 
+    # --- the cache: text states and semantic latents; no image -----------------------------------------------
+    def cache_models(self) -> dict[str, nn.Module]:
+        return {"text_encoder": self.text_encoder, "compressor": self.compressor}
+
+    @torch.no_grad()
+    def cache_entries(self, images: torch.Tensor, captions: list[str]) -> dict[str, torch.Tensor]:
+        hidden, pooled = self.text_encoder(captions)
+        return {"text_hidden": hidden, "text_pooled": pooled, "semantic": self.compressor(images)}
+
     # --- semantic latents -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def semantic_latents(self, images: torch.Tensor) -> torch.Tensor:
+    def raw_semantic(self, batch: dict) -> torch.Tensor:
+        """The frozen compressor's latents of a batch's images (read from the cache when the batch has them)."""
+        cached = batch.get("cache")
+        return cached["semantic"].float() if cached is not None else self.compressor(batch["image"])
+
+    @torch.no_grad()
+    def semantic_latents(self, batch: dict) -> torch.Tensor:
         """The prior's training targets: the frozen compressor's latents, normalised."""
-        semantic = self.compressor(images)
+        semantic = self.raw_semantic(batch)
         return (semantic - self.latent_mean[:, None, None]) / self.latent_std[:, None, None]
+
+    @torch.no_grad()
+    def text_states(self, batch: dict, keep: list[bool] | None) -> torch.Tensor:
+        """The text encoder's hidden states of the captions (from the cache when the batch has them); captions whose
+        ``keep`` is False are replaced by the empty prompt (classifier-free guidance)."""
+        cached = batch.get("cache")
+        if cached is None:
+            captions = batch["caption"] if keep is None else [c if k else "" for c, k in zip(batch["caption"], keep)]
+            return self.text_encoder(captions)[0]
+        text = cached["text_hidden"].float()
+        if keep is not None and not all(keep):
+            dropped = torch.tensor([not k for k in keep], device=text.device)
+            text = torch.where(dropped[:, None, None], self.empty_prompt_states().to(text.dtype), text)
+        return text
+
+    def empty_prompt_states(self) -> torch.Tensor:
+        """The hidden states of "" ([1, L, W]), computed once: what a dropped caption becomes."""
+        if getattr(self, "_empty_prompt", None) is None or self._empty_prompt.device != self.device:
+            self._empty_prompt = self.text_encoder([""])[0]
+        return self._empty_prompt
 
     @torch.no_grad()
     def measure_normalization(self, dataloader) -> None:
@@ -134,7 +169,10 @@ class StageC(DiffusionStage):
         for index, batch in enumerate(dataloader):
             if index >= self.hparams.normalization_batches:
                 break
-            semantic = self.compressor(batch["image"].to(self.device)).double()
+            batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            if "cache" in batch:
+                batch["cache"] = {k: v.to(self.device) for k, v in batch["cache"].items()}
+            semantic = self.raw_semantic(batch).double()
             total += semantic.sum(dim=(0, 2, 3))
             total_sq += semantic.pow(2).sum(dim=(0, 2, 3))
             count += semantic.shape[0] * semantic.shape[2] * semantic.shape[3]
@@ -160,16 +198,21 @@ class StageC(DiffusionStage):
     def diffusion_inputs(self, batch: dict, train: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Normalised semantic latents to denoise, conditioned on the text encoder's hidden states of the captions
         (replaced by "" with ``caption_drop_prob`` in training, for guidance)."""
-        captions = list(batch["caption"])
+        keep = None
         if train:
-            self.image_size = tuple(batch["image"].shape[-2:])  # recorded in checkpoints: the default sampling size
+            if "image" in batch:  # recorded in checkpoints: the default sampling size (a cache's is set at the start)
+                self.image_size = tuple(batch["image"].shape[-2:])
             if self.hparams.caption_drop_prob > 0:
                 # Host-side random numbers: no device sync in the training step.
-                keep = torch.rand(len(captions)) >= self.hparams.caption_drop_prob
-                captions = [caption if kept else "" for caption, kept in zip(captions, keep.tolist())]
-        x0 = self.semantic_latents(batch["image"])
-        text, _ = self.text_encoder(captions)
-        return x0, {"text": text}
+                keep = (torch.rand(len(batch["caption"])) >= self.hparams.caption_drop_prob).tolist()
+        x0 = self.semantic_latents(batch)
+        return x0, {"text": self.text_states(batch, keep)}
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        manifest = getattr(self.trainer.datamodule, "cache_manifest", None)
+        if manifest is not None:  # cached batches carry no image: the size the cache was cropped at
+            self.image_size = (manifest["data"]["resolution"],) * 2
 
     # --- sampling -------------------------------------------------------------------------------------------
     def pipeline(self) -> WuerstchenPipeline:
@@ -203,8 +246,11 @@ class StageC(DiffusionStage):
 
     def log_images(self, batch: dict) -> dict[str, torch.Tensor]:
         count = self.hparams.num_logged_images
-        images, captions = batch["image"][:count], batch["caption"][:count]
-        generator = torch.Generator(device=images.device).manual_seed(0)
+        captions = batch["caption"][:count]
+        generator = torch.Generator(device=self.device).manual_seed(0)
+        if "image" not in batch:  # a cached training batch: nothing real to show beside the samples
+            return {"generated": self.generate(captions, self.image_size, generator)}
+        images = batch["image"][:count]
         return {"real": images, "generated": self.generate(captions, tuple(images.shape[-2:]), generator)}
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
