@@ -11,7 +11,7 @@ from conftest import datamodule, tiny_stage_b, toy_data_args, trainer
 from lit_wuerstchen.cli import main
 from lit_wuerstchen.data import iter_shard
 from lit_wuerstchen.data.cache import MANIFEST, cache_shard_urls, check_models
-from lit_wuerstchen.data.datamodule import _collate, _ErrorLog, images_to_tensor
+from lit_wuerstchen.data.datamodule import ErrorLog, _collate, images_to_tensor
 from lit_wuerstchen.data.precompute import precompute
 from lit_wuerstchen.errors import ConfigError
 from lit_wuerstchen.models import PriorConfig
@@ -34,7 +34,7 @@ def cached_datamodule(shapes_dir, cache, **kwargs):
 
 def _first_samples(dm, count: int) -> tuple[list, list[str], list[str]]:
     """The first ``count`` training samples of shard 0 as the cache takes them (centre crop)."""
-    decoder, errors, items = dm.centre_crop_decoder(), _ErrorLog("test"), []
+    decoder, errors, items = dm.centre_crop_decoder(), ErrorLog("test"), []
     for sample in iter_shard(dm.train_urls()[0]):
         item = decoder(sample, errors, None)
         if item is not None:
@@ -47,7 +47,7 @@ def _first_samples(dm, count: int) -> tuple[list, list[str], list[str]]:
 def _cached_batch(dm, count: int) -> dict:
     """The first ``count`` samples of cache shard 0, collated as the training loader does."""
     decoder = dm._decoder(entries=tuple(dm.cache_manifest["entries"]), image=dm.cache_manifest["keeps_image"])
-    errors, items = _ErrorLog("test"), []
+    errors, items = ErrorLog("test"), []
     for sample in iter_shard(cache_shard_urls(dm.cache, dm.cache_manifest)[0]):
         items.append(decoder(sample, errors, None))
         if len(items) == count:

@@ -126,7 +126,7 @@ def _dist_info() -> tuple[int, int]:
 
 
 # -- per-worker error bookkeeping -------------------------------------------------------------------------------
-class _ErrorLog:
+class ErrorLog:
     """Distinct problems seen by one reader (one worker of one rank), logged once each."""
 
     def __init__(self, worker: str):
@@ -210,7 +210,7 @@ class _Decoder:
         self.entries = entries
         self.image = image
 
-    def __call__(self, sample: dict[str, Any], errors: _ErrorLog, rng: Any | None) -> tuple | None:
+    def __call__(self, sample: dict[str, Any], errors: ErrorLog, rng: Any | None) -> tuple | None:
         key, url = sample["__key__"], sample["__url__"]
         meta: dict[str, Any] = {}
         if "json" in sample:
@@ -261,7 +261,7 @@ def images_to_tensor(images: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous().float().div_(255.0)
 
 
-def _collate(items: list[tuple], errors: _ErrorLog) -> dict[str, Any]:
+def _collate(items: list[tuple], errors: ErrorLog) -> dict[str, Any]:
     batch: dict[str, Any] = {}
     if items[0][0] is not None:
         batch["image"] = images_to_tensor([it[0] for it in items])
@@ -357,7 +357,7 @@ class ShardTrainDataset(IterableDataset):
         self.epoch_offset = epoch_offset
         self.resume: dict[str, Any] | None = None  # set by ResumableDataLoader.load_state_dict before iterating
         self.token = uuid.uuid4().hex  # tells the loader its batches came back through the DataModule
-        self._errors: _ErrorLog | None = None
+        self._errors: ErrorLog | None = None
         self._epochs_started = 0  # on this (worker's) copy: persistent workers keep counting across epochs
 
     def __len__(self) -> int:
@@ -373,7 +373,7 @@ class ShardTrainDataset(IterableDataset):
         return self.batches_per_epoch // num_workers + (role < self.batches_per_epoch % num_workers)
 
     def _batches(
-        self, role: int, workers: int, epoch: int, skip_raw: int, errors: _ErrorLog
+        self, role: int, workers: int, epoch: int, skip_raw: int, errors: ErrorLog
     ) -> Iterator[dict[str, Any]]:
         """One role's stream of one epoch, after skipping ``skip_raw`` raw samples (a resumed position): webdataset's
         seeded shard resampling -> opening and our tar reading -> webdataset's shuffle buffer -> decode -> batch."""
@@ -411,7 +411,7 @@ class ShardTrainDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         wid, workers = _worker()
         if self._errors is None:
-            self._errors = _ErrorLog(f"train/{self.rank}/{wid}")
+            self._errors = ErrorLog(f"train/{self.rank}/{wid}")
         epoch = self.epoch_offset + self._epochs_started
         self._epochs_started += 1
         role, skip_raw, done = wid, 0, 0
@@ -486,9 +486,9 @@ class ShardValDataset(IterableDataset):
         self.decoder = decoder
         self.batch_size = batch_size
         self.rank, self.world = rank, world
-        self._errors: _ErrorLog | None = None
+        self._errors: ErrorLog | None = None
 
-    def _raw(self, slot: int, slots: int, errors: _ErrorLog) -> Iterator[dict[str, Any]]:
+    def _raw(self, slot: int, slots: int, errors: ErrorLog) -> Iterator[dict[str, Any]]:
         owned = self.shards[slot::slots]
         if len(self.shards) >= slots:  # every reader slot reads its own shards
             yield from wds.DataPipeline(wds.SimpleShardList(owned), *open_shards(errors.shard_handler())).iterator()
@@ -505,7 +505,7 @@ class ShardValDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         wid, nw = _worker()
         if self._errors is None:
-            self._errors = _ErrorLog(f"val/{self.rank}/{wid}")
+            self._errors = ErrorLog(f"val/{self.rank}/{wid}")
         errors = self._errors
         raw = self._raw(self.rank * nw + wid, self.world * nw, errors)
         batch: list[tuple] = []

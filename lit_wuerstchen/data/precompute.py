@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from .cache import FORMAT, MANIFEST, SHARD_PATTERN, encode_entry, read_cache_manifest, weights_fingerprint
-from .datamodule import ShardDataModule, _ErrorLog, images_to_tensor
+from .datamodule import ErrorLog, ShardDataModule, images_to_tensor
 from .shards import IMAGE_EXTENSIONS, ShardWriter, open_shards
 
 
@@ -170,7 +170,7 @@ def precompute(
 def _cache_shard(
     stage: Any, decoder: Any, url: str, out: Path, index: int, batch_size: int, device: torch.device
 ) -> dict[str, Any]:
-    errors = _ErrorLog(f"precompute/{index}")
+    errors = ErrorLog(f"precompute/{index}")
     samples = wds.DataPipeline(wds.SimpleShardList([url]), *open_shards(errors.shard_handler()))
     pending: list[tuple[dict[str, Any], tuple]] = []
     names: set[str] = set()
