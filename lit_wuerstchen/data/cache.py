@@ -23,9 +23,11 @@ line, a cache that is incomplete or was made by other weights, another stage, ot
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
+import math
 import os
 from typing import Any
 from urllib.parse import urlparse
@@ -135,4 +137,29 @@ def encode_entry(array: np.ndarray) -> bytes:
 
 
 def decode_entry(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
+    """A ``.npy`` member as a read-only view of ``data``.
+
+    The header is parsed once per distinct header (one per entry in a cache) instead of by ``np.load``, whose
+    ``ast.literal_eval`` of every header cost about a tenth of a cached toy Stage C step.
+    """
+    if data[:6] != b"\x93NUMPY" or len(data) < 10:
+        raise ValueError("not a .npy member")
+    header_end = (
+        (10 + int.from_bytes(data[8:10], "little")) if data[6] == 1 else (12 + int.from_bytes(data[8:12], "little"))
+    )
+    dtype, shape = _npy_header(bytes(data[:header_end]))
+    array = np.frombuffer(data, dtype=dtype, offset=header_end)
+    if array.size != math.prod(shape):
+        raise ValueError(f".npy member holds {array.size} values, its header says {shape}")
+    return array.reshape(shape)
+
+
+@functools.lru_cache(maxsize=64)
+def _npy_header(header: bytes) -> tuple[np.dtype, tuple[int, ...]]:
+    stream = io.BytesIO(header)
+    major, _ = np.lib.format.read_magic(stream)
+    read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    shape, fortran_order, dtype = read(stream)
+    if fortran_order or dtype.hasobject:
+        raise ValueError("cache .npy members are C-ordered numeric arrays")
+    return dtype, shape
