@@ -111,7 +111,7 @@ def main() -> None:
         cached = " / ".join(f"{x:.2f}" for x in r["cached"])
         print(f"{r['stage']:<8} {r['samples']:>14} {r['precompute']:>12.1f} {raw:>22} {cached:>26} "
               f"{r['ratio']:>6.2f} {r['break_even']:>17.0f}")  # fmt: skip
-    print("\n(ratio: median cached / median on-the-fly steps/s; the demo trains Stage B 1500 and Stage C 2500 steps)")
+    print("\n(ratio: median cached / median on-the-fly steps/s; the demo trains Stage B 1500 and Stage C 3000 steps)")
 
 
 if __name__ == "__main__":
