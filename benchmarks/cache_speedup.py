@@ -18,27 +18,12 @@ import statistics
 import tempfile
 import time
 
-import lightning as L
 import torch
+from training_throughput import full_step_rate  # this folder's script: the same timed fit
 
-from lit_wuerstchen.callbacks import EMA
 from lit_wuerstchen.checkpoints import CheckpointError
 from lit_wuerstchen.cli import run_lightning_cli
 from lit_wuerstchen.data.precompute import precompute
-
-
-class StepTimer(L.Callback):
-    def __init__(self, warmup: int):
-        self.warmup, self.start, self.steps = warmup, None, 0
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self.warmup:
-            self.start = time.perf_counter()
-        elif trainer.global_step > self.warmup:
-            self.steps += 1
-
-    def steps_per_second(self) -> float:
-        return self.steps / (time.perf_counter() - self.start)
 
 
 def _configs(stage: str) -> list[str]:
@@ -47,21 +32,7 @@ def _configs(stage: str) -> list[str]:
 
 def fit_rate(stage: str, cache: str | None, steps: int, warmup: int) -> float:
     cli = run_lightning_cli(_configs(stage) + (["--data.init_args.cache", cache] if cache else []), run=False)
-    timer = StepTimer(warmup)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=warmup + steps,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=[timer, EMA(decay=0.99)],
-    )
-    trainer.fit(cli.model, datamodule=cli.datamodule)
-    return timer.steps_per_second()
+    return full_step_rate(cli.model, cli.datamodule, steps, warmup)
 
 
 def benchmark(stage: str, steps: int, warmup: int, repeats: int, folder: str) -> dict:

@@ -75,6 +75,12 @@ def benchmark(stage: str, steps: int, warmup: int) -> dict:
         optimizer.step()
     reference = steps / (time.perf_counter() - start)
 
+    full = full_step_rate(model, data, steps, warmup)
+    return {"stage": stage, "batch": batch_size, "side": side, "reference": reference, "full": full}
+
+
+def full_step_rate(model, datamodule, steps: int, warmup: int) -> float:
+    """Steps/s of ``Trainer.fit`` (EMA, no validation, logger or checkpoints) after ``warmup`` steps."""
     timer = StepTimer(warmup)
     trainer = L.Trainer(
         accelerator="cpu",
@@ -88,8 +94,8 @@ def benchmark(stage: str, steps: int, warmup: int) -> dict:
         num_sanity_val_steps=0,
         callbacks=[timer, EMA(decay=0.99)],
     )
-    trainer.fit(model, datamodule=data)
-    return {"stage": stage, "batch": batch_size, "side": side, "reference": reference, "full": timer.steps_per_second()}
+    trainer.fit(model, datamodule=datamodule)
+    return timer.steps_per_second()
 
 
 def main() -> None:
