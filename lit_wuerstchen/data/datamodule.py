@@ -378,13 +378,10 @@ class ShardTrainDataset(IterableDataset):
         """One role's stream of one epoch, after skipping ``skip_raw`` raw samples (a resumed position): webdataset's
         seeded shard resampling -> opening and our tar reading -> webdataset's shuffle buffer -> decode -> batch."""
         stream_seed = _stream_seed(self.seed, self.rank, role, epoch)
+        shards = self.worker_shards(role, workers)
         raw_samples = wds.DataPipeline(
-            wds.ResampledShards(
-                self.worker_shards(role, workers), seed=stream_seed, worker_seed=_role_seeded, deterministic=True
-            ),
-            *open_shards(
-                errors.shard_handler(), max_empty_in_a_row=max(20, 5 * len(self.worker_shards(role, workers)))
-            ),
+            wds.ResampledShards(shards, seed=stream_seed, worker_seed=_role_seeded, deterministic=True),
+            *open_shards(errors.shard_handler(), max_empty_in_a_row=max(20, 5 * len(shards))),
             wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=random.Random(stream_seed)),
             wds.slice(skip_raw, None),
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
+from lightning.fabric.utilities import move_data_to_device
 from torch import nn
 
 from ..checkpoints import RECORD, load_stage_b, load_text_encoder, read_stage_checkpoint
@@ -169,10 +170,7 @@ class StageC(DiffusionStage):
         for index, batch in enumerate(dataloader):
             if index >= self.hparams.normalization_batches:
                 break
-            batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            if "cache" in batch:
-                batch["cache"] = {k: v.to(self.device) for k, v in batch["cache"].items()}
-            semantic = self.raw_semantic(batch).double()
+            semantic = self.raw_semantic(move_data_to_device(batch, self.device)).double()
             total += semantic.sum(dim=(0, 2, 3))
             total_sq += semantic.pow(2).sum(dim=(0, 2, 3))
             count += semantic.shape[0] * semantic.shape[2] * semantic.shape[3]
