@@ -69,7 +69,7 @@ def main() -> None:
     parts = load_stage_b(args.checkpoint)
     images, captions = load_validation(args.val, args.n)
     print(row("real", shapes_alignment(images, captions)))
-    latents = parts.stage_a.encode(images) * parts.stage_a.scale_factor
+    latents = parts.stage_a.to_stage_b(parts.stage_a.encode(images))
     reconstructed = decode_stage_a(parts.stage_a, latents)
     print(row("stage A", shapes_alignment(reconstructed, captions), f" psnr {psnr(reconstructed, images):.2f}"))
     diffusion = Diffusion(parts.diffusion)

@@ -32,16 +32,23 @@ def _pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     return int(height), int(width)
 
 
-def semantic_latent_size(image_size: int | tuple[int, int], compression: float) -> tuple[int, int]:
+def semantic_latent_size(
+    image_size: int | tuple[int, int], compression: float, rounding: str = "half_up"
+) -> tuple[int, int]:
     """Semantic latent (height, width) for an image of ``image_size`` at a given compression ratio.
 
     Rule, applied to height and width separately: ``side = max(1, floor(image_side / compression + 0.5))``, i.e.
     round half *up* (not Python's round-half-to-even). 1024 px at 42.67 -> 24; 512 px at 42.67 -> 12;
     64 px at 16 -> 4. Stage B, Stage C and sampling should all call this (or ``SemanticCompressor.latent_size``)
-    so they agree on the latent size.
+    so they agree on the latent size. ``rounding="ceil"`` is the released pipeline's rule, ``ceil(side /
+    compression)`` (700 px at 42.67: 17, where half-up gives 16); sampling a converted released model uses it.
     """
     if not compression > 0:
         raise ValueError(f"compression must be > 0, got {compression}")
+    if rounding == "ceil":
+        return tuple(max(1, math.ceil(side / compression)) for side in _pair(image_size))  # type: ignore[return-value]
+    if rounding != "half_up":
+        raise ValueError(f"rounding must be 'half_up' or 'ceil', got {rounding!r}")
     return tuple(max(1, math.floor(side / compression + 0.5)) for side in _pair(image_size))  # type: ignore[return-value]
 
 
@@ -69,6 +76,9 @@ class CompressorConfig:
     tiny_widths: list[int] = field(default_factory=lambda: [32, 64, 128])
     """Widths of the ``tiny`` backbone (stride ``2 ** len(tiny_widths)``)."""
     affine_norm: bool = False
+    latent_rounding: Literal["half_up", "ceil"] = "half_up"
+    """How the latent side follows from the image side (:func:`semantic_latent_size`); "ceil" is the released
+    pipeline's rule (a converted released Stage B uses it)."""
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
@@ -127,7 +137,7 @@ class SemanticCompressor(nn.Module):
 
     def latent_size(self, image_size: int | tuple[int, int]) -> tuple[int, int]:
         """(height, width) of the semantic latent for an image of ``image_size`` (see :func:`semantic_latent_size`)."""
-        return semantic_latent_size(image_size, self.compression)
+        return semantic_latent_size(image_size, self.compression, self.config.latent_rounding)
 
     def input_size(self, image_size: int | tuple[int, int]) -> tuple[int, int]:
         """(height, width) the image is resized to before the backbone: ``latent_size * stride``."""

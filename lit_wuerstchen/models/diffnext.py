@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -96,6 +97,12 @@ class DiffNeXtConfig:
     """Channels of the semantic latent (the compressor's ``latent_channels``)."""
     semantic_proj_channels: int | None = None
     """Channels each level projects the semantic latent to (None: a quarter of the level's width)."""
+    semantic_mappers: Literal["shared", "per_path"] = "shared"
+    """``per_path``: separate 1x1 projections for the down and the up path of each level (the released model);
+    ``shared``: one per level, used by both paths."""
+    semantic_align_corners: bool = False
+    """Resize the semantic latent with ``align_corners=True``, always, even to its own size (the released model);
+    False: ``align_corners=False``, skipped when the size already matches."""
     text_channels: int = 0
     """Width of text tokens fed to the attention blocks (0: no text conditioning)."""
     r_embedding_dim: int = 64
@@ -135,6 +142,22 @@ class DiffNeXtConfig:
             raise ValueError(f"kernel_size must be odd (same padding), got {self.kernel_size}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.semantic_mappers not in ("shared", "per_path"):
+            raise ValueError(f"semantic_mappers must be 'shared' or 'per_path', got {self.semantic_mappers!r}")
+
+    @classmethod
+    def released_v2(cls) -> DiffNeXtConfig:
+        """Structurally the released Würstchen v2 decoder (``warp-ai/wuerstchen`` ``decoder``, diffusers
+        ``WuerstchenDiffNeXt`` defaults, 1,055,365,280 parameters): semantic latent projected to 1024 channels by
+        separate down/up mappers, resized with ``align_corners=True``; CLIP ViT-H-14 text (1024) in its attention;
+        dropout 0.1."""
+        return cls(
+            semantic_proj_channels=1024,
+            semantic_mappers="per_path",
+            semantic_align_corners=True,
+            text_channels=1024,
+            dropout=0.1,
+        )
 
     @property
     def divisor(self) -> int:
@@ -162,9 +185,10 @@ class DiffNeXt(nn.Module):
     ResBlock skip input of the *first* up block of level i (concatenated after its norm, before its MLP).
 
     Semantic conditioning: for each level in ``semantic_levels`` the semantic latent (any h, w) is bicubic-resized
-    (align_corners=False, antialiased, in float32) to that level's spatial size and projected by one 1x1 conv
-    per level to ``semantic_proj_channels`` (default ``max(1, widths[i] // 4)``); the projection is computed once
-    per forward and concatenated into every ResBlock of that level, down and up path.
+    (antialiased, in float32; ``align_corners`` per ``semantic_align_corners``) to that level's spatial size and
+    projected by a 1x1 conv to ``semantic_proj_channels`` (default ``max(1, widths[i] // 4)``): one per level
+    shared by both paths, or one for the down and one for the up path (``semantic_mappers="per_path"``, as
+    released). The projections are computed once per forward and concatenated into every ResBlock of that level.
 
     Text (optional, ``text_channels > 0``): tokens [B, L, text_channels] -> Linear + LayerNorm (shared), then each
     attention block maps them into its width and appends them to its keys/values. With no attention level the
@@ -206,7 +230,11 @@ class DiffNeXt(nn.Module):
             else None
         )
         self.semantic_mappers = nn.ModuleDict(
-            {str(i): nn.Conv2d(config.semantic_channels, proj[i], kernel_size=1) for i in self.semantic_levels}
+            {
+                key: nn.Conv2d(config.semantic_channels, proj[i], kernel_size=1)
+                for i in self.semantic_levels
+                for key in self._mapper_keys(i)
+            }
         )
 
         def block(i: int, skip: int) -> DiffNeXtBlock:
@@ -260,6 +288,12 @@ class DiffNeXt(nn.Module):
         """The latent height and width must be multiples of this (``patch_size * 2 ** (levels - 1)``)."""
         return self.config.divisor
 
+    def _mapper_keys(self, level: int) -> tuple[str, str]:
+        """(down-path, up-path) names of a level's semantic projection in ``semantic_mappers``."""
+        if self.config.semantic_mappers == "per_path":
+            return f"down{level}", f"up{level}"
+        return str(level), str(level)
+
     def _check_inputs(self, x_t, r, semantic, text) -> None:
         if x_t.ndim != 4 or x_t.shape[1] != self.latent_channels:
             raise ValueError(f"x_t must be [B, {self.latent_channels}, H, W], got {tuple(x_t.shape)}")
@@ -280,12 +314,22 @@ class DiffNeXt(nn.Module):
             if text.ndim != 3 or text.shape[0] != batch or text.shape[2] != self.text_channels:
                 raise ValueError(f"text must be [{batch}, L, {self.text_channels}], got {tuple(text.shape)}")
 
-    def _semantic_at(
-        self, semantic: torch.Tensor, level: int, size: tuple[int, int], dtype: torch.dtype
-    ) -> torch.Tensor:
-        if tuple(semantic.shape[-2:]) != size:
-            semantic = F.interpolate(semantic.float(), size=size, mode="bicubic", align_corners=False, antialias=True)
-        return self.semantic_mappers[str(level)](semantic.to(dtype))
+    def _semantic_maps(self, semantic: torch.Tensor, base: tuple[int, int], dtype: torch.dtype) -> dict:
+        """Projected semantic latent per (path, level): resized to each level's size (float32 maths), then mapped."""
+        maps = {}
+        align = self.config.semantic_align_corners
+        for i in self.semantic_levels:
+            size = (base[0] >> i, base[1] >> i)
+            resized = semantic
+            if align or tuple(semantic.shape[-2:]) != size:
+                resized = F.interpolate(
+                    semantic.float(), size=size, mode="bicubic", align_corners=align, antialias=True
+                )
+            resized = resized.to(dtype)
+            down, up = self._mapper_keys(i)
+            maps["down", i] = self.semantic_mappers[down](resized)
+            maps["up", i] = maps["down", i] if up == down else self.semantic_mappers[up](resized)
+        return maps
 
     def forward(
         self, x_t: torch.Tensor, r: torch.Tensor, semantic: torch.Tensor, text: torch.Tensor | None = None
@@ -303,17 +347,14 @@ class DiffNeXt(nn.Module):
         else:
             text = None
         x = self.embedding(x_t.to(dtype))
-        base_h, base_w = x.shape[-2:]
-        semantic_maps = {
-            i: self._semantic_at(semantic, i, (base_h >> i, base_w >> i), dtype) for i in self.semantic_levels
-        }
+        semantic_maps = self._semantic_maps(semantic, tuple(x.shape[-2:]), dtype)
 
         level_outputs = []
         for i, level in enumerate(self.down_levels):
             if i > 0:
                 x = self.downsamplers[i - 1](x)
             for block in level:
-                x = block(x, r_embedding, semantic_maps.get(i), text)
+                x = block(x, r_embedding, semantic_maps.get(("down", i)), text)
             level_outputs.append(x)
 
         last = len(self.widths) - 1
@@ -321,7 +362,7 @@ class DiffNeXt(nn.Module):
             if i < last:
                 x = self.upsamplers[i](x)
             for j, block in enumerate(self.up_levels[i]):
-                skip = semantic_maps.get(i)
+                skip = semantic_maps.get(("up", i))
                 if j == 0 and i < last:
                     skip = level_outputs[i] if skip is None else torch.cat([level_outputs[i], skip], dim=1)
                 x = block(x, r_embedding, skip, text)

@@ -1,12 +1,15 @@
 """Stage A: the f4 VQGAN (docs/design.md "Stage A") and its patch discriminator.
 
 Images are in [0, 1], NCHW. ``encode`` returns the BatchNorm-ed continuous latent; ``quantize`` snaps it to the
-codebook; Stage B trains on ``scale_factor * encode(x)`` (the *unquantised* latent, as in the paper).
+codebook; Stage B trains on ``encode(x) / scale_factor`` (the *unquantised* latent, as in the paper) and its samples
+are decoded as ``decode(latent * scale_factor)``: the released Würstchen v2 convention (diffusers' Würstchen
+pipeline multiplies by ``PaellaVQModel.config.scale_factor`` before decoding).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +31,11 @@ class VQGANConfig:
     latent_channels: int = 4
     codebook_size: int = 8192
     scale_factor: float = 0.3764
-    """Multiplies latents handed to Stage B (0.3764 in Würstchen v2, 0.43 in Stable Cascade)."""
+    """Stage B works on ``latent / scale_factor`` and hands back latents that are multiplied by it before decoding
+    (0.3764 in Würstchen v2)."""
+    residual_block: Literal["layer_scale", "paella"] = "layer_scale"
+    """``paella``: Paella's residual block with six scalar gates (the released Würstchen v2 VQGAN, diffusers'
+    ``PaellaVQModel``); ``layer_scale``: a ConvNeXt block with a per-channel branch scale (the toy's)."""
 
     def __post_init__(self) -> None:
         if not (len(self.channels) == len(self.encoder_blocks) == len(self.decoder_blocks)):
@@ -38,10 +45,43 @@ class VQGANConfig:
             )
         if self.latent_channels < 1 or self.codebook_size < 2:
             raise ValueError("vqgan: latent_channels must be >= 1 and codebook_size >= 2")
+        if self.residual_block not in ("layer_scale", "paella"):
+            raise ValueError(f"vqgan: residual_block must be 'layer_scale' or 'paella', got {self.residual_block!r}")
+        if not self.scale_factor > 0:
+            raise ValueError(f"vqgan: scale_factor must be > 0, got {self.scale_factor}")
+
+    @classmethod
+    def released_v2(cls) -> VQGANConfig:
+        """The released Würstchen v2 VQGAN (``vqgan_f4_v1_500k``, diffusers ``PaellaVQModel`` defaults, 18.4M)."""
+        return cls(residual_block="paella")
 
     @property
     def downsampling(self) -> int:
         return 2 ** len(self.channels)
+
+
+class GatedResBlock(nn.Module):
+    """Paella's residual block (the released Würstchen VQGAN): two pre-norm branches, a replicate-padded depthwise
+    3x3 conv and a channel MLP, modulated and gated by six learned scalars that start at 0 (the identity)."""
+
+    def __init__(self, channels: int, mlp_ratio: int = 4):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(channels, elementwise_affine=False, eps=1e-6)
+        self.depthwise = nn.Sequential(
+            nn.ReplicationPad2d(1), nn.Conv2d(channels, channels, kernel_size=3, groups=channels)
+        )
+        self.norm2 = nn.LayerNorm(channels, elementwise_affine=False, eps=1e-6)
+        self.channelwise = nn.Sequential(
+            nn.Linear(channels, channels * mlp_ratio), nn.GELU(), nn.Linear(channels * mlp_ratio, channels)
+        )
+        self.gammas = nn.Parameter(torch.zeros(6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.gammas
+        h = self.norm1(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) * (1 + g[0]) + g[1]
+        x = x + self.depthwise(h) * g[2]
+        h = self.norm2(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) * (1 + g[3]) + g[4]
+        return x + self.channelwise(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) * g[5]
 
 
 class VectorQuantizer(nn.Module):
@@ -82,12 +122,17 @@ class VQGAN(nn.Module):
         widths = config.channels
         levels = len(widths)
 
+        def residual(width: int) -> nn.Module:
+            if config.residual_block == "paella":
+                return GatedResBlock(width)
+            return ResBlock(width, grn=False, layer_scale=True)
+
         self.in_block = nn.Sequential(nn.PixelUnshuffle(2), nn.Conv2d(3 * 4, widths[0], kernel_size=1))
         down: list[nn.Module] = []
         for level, width in enumerate(widths):
             if level > 0:
                 down.append(nn.Conv2d(widths[level - 1], width, kernel_size=4, stride=2, padding=1))
-            down.extend(ResBlock(width, grn=False, layer_scale=True) for _ in range(config.encoder_blocks[level]))
+            down.extend(residual(width) for _ in range(config.encoder_blocks[level]))
         down.append(nn.Conv2d(widths[-1], config.latent_channels, kernel_size=1, bias=False))
         down.append(nn.BatchNorm2d(config.latent_channels))
         self.encoder = nn.Sequential(*down)
@@ -97,7 +142,7 @@ class VQGAN(nn.Module):
         up: list[nn.Module] = [nn.Conv2d(config.latent_channels, widths[-1], kernel_size=1)]
         for level in reversed(range(levels)):
             width = widths[level]
-            up.extend(ResBlock(width, grn=False, layer_scale=True) for _ in range(config.decoder_blocks[level]))
+            up.extend(residual(width) for _ in range(config.decoder_blocks[level]))
             if level > 0:
                 up.append(nn.ConvTranspose2d(width, widths[level - 1], kernel_size=4, stride=2, padding=1))
         self.decoder = nn.Sequential(*up)
@@ -106,6 +151,14 @@ class VQGAN(nn.Module):
     @property
     def scale_factor(self) -> float:
         return self.config.scale_factor
+
+    def to_stage_b(self, latents: torch.Tensor) -> torch.Tensor:
+        """The latent Stage B works on, from :meth:`encode`'s (divided by ``scale_factor``, as released)."""
+        return latents / self.config.scale_factor
+
+    def from_stage_b(self, latents: torch.Tensor) -> torch.Tensor:
+        """The latent :meth:`decode` takes, from one Stage B made (multiplied by ``scale_factor``)."""
+        return latents * self.config.scale_factor
 
     def _check_size(self, images: torch.Tensor) -> None:
         factor = self.config.downsampling
