@@ -51,7 +51,7 @@ def test_final_layer_norm_switch(tiny):
     tokens = tiny.tokenize(PROMPTS)
     with torch.no_grad():
         x = tiny.text.token_embedding(tokens) + tiny.text.positional_embedding
-        x = tiny.text.transformer(x, attn_mask=tiny.text.attn_mask)
+        x = tiny.text.transformer(x, attn_mask=tiny.attention_mask(tokens, x.dtype))  # causal + padding keys
         torch.testing.assert_close(hidden_raw, x)
         torch.testing.assert_close(hidden, tiny.text.ln_final(x))
         # pooled == open_clip's TextTransformer output (projected EOT token, not normalised)

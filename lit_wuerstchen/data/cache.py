@@ -16,9 +16,10 @@ flipped caption would also be wrong for words like "left"). Samples the loader w
 caption when required, ...) are skipped and counted the same way.
 
 ``cache.json`` is the manifest: the stage, the data settings the images were cropped with, the source shard URLs, the
-fingerprints (SHA-256 of the weights) of the frozen models that made the entries, with the checkpoints and encoder
-names they came from, and, once every shard is done, ``complete`` with the counts. A training run refuses, in one
-line, a cache that is incomplete or was made by other weights, another stage, other data or other crop settings.
+fingerprints (SHA-256 of the weights and of the text encoder's ``padding_mask``/``final_layer_norm`` settings) of the
+frozen models that made the entries, with the checkpoints and encoder names they came from, and, once every shard is
+done, ``complete`` with the counts. A training run refuses, in one line, a cache that is incomplete or was made by
+other weights or encoder settings, another stage, other data or other crop settings.
 """
 
 from __future__ import annotations
@@ -46,12 +47,17 @@ DATA_SETTINGS = ("resolution", "resize_to", "min_image_side", "max_caption_lengt
 
 
 def weights_fingerprint(module: nn.Module) -> str:
-    """SHA-256 over a module's state dict (names, dtypes, shapes, bytes): equal exactly when the weights are."""
+    """SHA-256 over a module's state dict (names, dtypes, shapes, bytes) and, for a module whose outputs depend on
+    more than its weights, its ``fingerprint_settings()`` (the text encoder's ``padding_mask`` and
+    ``final_layer_norm``): equal exactly when the weights and those settings are."""
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    settings = getattr(module, "fingerprint_settings", None)
+    if callable(settings):
+        digest.update(("settings|" + json.dumps(settings(), sort_keys=True)).encode())
     return digest.hexdigest()
 
 
@@ -126,8 +132,8 @@ def check_models(manifest: dict[str, Any], cache: str, stage: str, models: dict[
         if made != now:
             source = manifest["models"].get(name, {}).get("source", "?")
             raise ConfigError(
-                f"the cache at {cache} is stale: its {name} (from {source}) had weights {str(made)[:12]}, this run's "
-                f"has {now[:12]}; run `data precompute` again with --overwrite"
+                f"the cache at {cache} is stale: its {name} (from {source}) had weights/settings {str(made)[:12]}, "
+                f"this run's has {now[:12]}; run `data precompute` again with --overwrite"
             )
 
 

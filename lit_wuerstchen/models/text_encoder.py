@@ -19,6 +19,7 @@ from pathlib import Path
 import open_clip
 import torch
 from open_clip.model import _build_text_tower
+from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transformer import TextTransformer, text_global_pool
 from torch import nn
 
@@ -46,6 +47,16 @@ class TextEncoderConfig:
     """Token states after the final LayerNorm (Würstchen v2) or before it (Stable Cascade)."""
     context_length: int | None = None
     """Tokens per prompt (None: the model's own, 77 for CLIP); short captions can use fewer."""
+    padding_mask: bool = True
+    """True: padding tokens (everything after a prompt's first end-of-text token) are masked as attention keys, as
+    the released Würstchen pipelines do (transformers' ``CLIPTextModel`` called with the tokenizer's
+    ``attention_mask``), so the states at padding positions are the released ones. False: open_clip's causal mask
+    only (``encode_text``), whose padding-position states differ. Real-token states and ``pooled`` are the same
+    either way; the prior attends to every position, so its images are not."""
+    exclamation_as_pad: bool = True
+    """True: every "!" of a prompt becomes the padding id 0, as in the released pipelines, whose CLIP tokenizers
+    have "!" as their (special) pad token and split it out of the text before BPE; False: open_clip's own
+    tokenization ("!" is the word token "!</w>"). Only for open_clip's BPE tokenizer (the CLIP models)."""
 
     @property
     def random_init(self) -> bool:
@@ -88,7 +99,10 @@ class TextEncoder(nn.Module):
 
     - ``hidden_states``: the token states after the last transformer block, passed through the final LayerNorm
       when ``final_layer_norm`` (Würstchen v2, diffusers' ``last_hidden_state``) or taken before it when not
-      (Stable Cascade's ``hidden_states[-1]``).
+      (Stable Cascade's ``hidden_states[-1]``). With ``padding_mask`` (default) padding tokens are masked as
+      attention keys, so every position, padding included, equals transformers' ``CLIPTextModel(input_ids,
+      attention_mask)`` as the released pipelines call it (:mod:`lit_wuerstchen.interop.clip_text` converts both
+      ways); without it, open_clip's causal mask alone gives other states at the padding positions.
     - ``pooled``: open_clip's text embedding, i.e. the final-LayerNorm'd EOT token times the text projection,
       **not** L2-normalised (as ``encode_text(normalize=False)`` and HF ``text_embeds``); always taken after the
       final LayerNorm whatever ``final_layer_norm`` says.
@@ -116,6 +130,19 @@ class TextEncoder(nn.Module):
             raise ValueError(f"{model_name!r} does not build an open_clip TextTransformer")
         self.text = text
         self.context_length = text.context_length
+        self.padding_mask = config.padding_mask
+        if self.padding_mask and text.cls_emb is not None:
+            raise ValueError(
+                f"{model_name!r} appends a class token (CoCa), whose mask open_clip builds itself: "
+                "set the text encoder's padding_mask to false"
+            )
+        if self.padding_mask and text.pool_type not in ("argmax", "eos"):
+            raise ValueError(
+                f"{model_name!r} pools with {text.pool_type!r}, not from an end-of-text token: "
+                "set the text encoder's padding_mask to false"
+            )
+        # the token the tower pools from ends a prompt: open_clip's argmax pooling relies on it being the highest id
+        self.eot_token_id = text.eos_id if text.pool_type == "eos" else text.vocab_size - 1
         self.requires_grad_(False)
         self.train(False)
 
@@ -138,7 +165,49 @@ class TextEncoder(nn.Module):
         key = (self.model_name, self.context_length)
         if key not in _TOKENIZERS:  # kept outside the module: deep copies / pickles of the encoder stay light
             _TOKENIZERS[key] = open_clip.get_tokenizer(self.model_name, context_length=self.context_length)
-        return _TOKENIZERS[key](list(prompts)).long()
+        tokenizer = _TOKENIZERS[key]
+        if self.config.exclamation_as_pad and isinstance(tokenizer, SimpleTokenizer):
+            return torch.stack([self._released_tokens(tokenizer, prompt) for prompt in prompts])
+        return tokenizer(list(prompts)).long()
+
+    def _released_tokens(self, tokenizer: SimpleTokenizer, prompt: str) -> torch.Tensor:
+        """open_clip's BPE between the "!"s, each "!" the pad id 0, then [SOT] ... [EOT] truncated (EOT kept last)
+        and padded with 0: the ids of the released pipelines' tokenizers."""
+        body: list[int] = []
+        for i, piece in enumerate(prompt.split("!")):
+            if i:
+                body.append(0)
+            body.extend(tokenizer.encode(piece))
+        ids = [tokenizer.sot_token_id, *body, tokenizer.eot_token_id][: self.context_length]
+        ids[-1] = tokenizer.eot_token_id
+        return torch.tensor(ids + [0] * (self.context_length - len(ids)), dtype=torch.long)
+
+    def fingerprint_settings(self) -> dict:
+        """What besides the weights decides the outputs (part of a precompute cache's fingerprint)."""
+        return {
+            "final_layer_norm": self.final_layer_norm,
+            "padding_mask": self.padding_mask,
+            "exclamation_as_pad": self.config.exclamation_as_pad,
+        }
+
+    def attention_mask(self, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """The additive attention mask of ``padding_mask``: open_clip's causal mask plus ``-inf`` on the keys after
+        each prompt's first end-of-text token (the positions transformers' ``attention_mask`` marks 0), as a
+        ``[B * heads, L, L]`` mask (``nn.MultiheadAttention``'s per-head form); just the causal ``[L, L]`` mask when
+        nothing is padded. A row without an end-of-text token is not masked. Every query keeps the keys up to
+        itself or to the end-of-text token, so no row is all ``-inf``."""
+        text = self.text
+        batch, length = tokens.shape
+        causal = text.attn_mask[:length, :length].to(dtype) if text.attn_mask is not None else None
+        is_eot = tokens == self.eot_token_id
+        last = torch.where(is_eot.any(1), is_eot.int().argmax(1), length - 1)  # last position a key may be
+        padded = torch.arange(length, device=tokens.device) > last[:, None]  # [B, L]
+        if not bool(padded.any()):
+            return causal
+        keys = torch.zeros(batch, 1, length, dtype=dtype, device=tokens.device)
+        keys.masked_fill_(padded[:, None, :], float("-inf"))
+        mask = keys.expand(batch, length, length) if causal is None else keys + causal
+        return mask.repeat_interleave(text.heads, 0)
 
     @torch.no_grad()
     def forward(self, prompts: list[str] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,6 +215,8 @@ class TextEncoder(nn.Module):
         text = self.text
         tokens = tokens.to(text.token_embedding.weight.device).long()
         x, attn_mask = text._embeds(tokens)  # token + positional embedding, causal (and pad/cls) mask
+        if self.padding_mask:
+            attn_mask = self.attention_mask(tokens, x.dtype)
         x = text.transformer(x, attn_mask=attn_mask)
         if text.cls_emb is not None:  # CoCa-style appended class token: pooled from it, LN after pooling
             hidden = x[:, :-1]
