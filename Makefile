@@ -11,7 +11,7 @@ install: $(INSTALLED)
 $(INSTALLED): pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
-	$(PYTHON) -m pip install --quiet -e '.[dev]'
+	$(PYTHON) -m pip install --quiet -e '.[dev,interop]'
 	touch $@
 
 demo: $(INSTALLED)

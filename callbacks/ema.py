@@ -1,4 +1,5 @@
-"""Exponential moving average of the trained networks only (``pl_module.trained_networks()``).
+"""Exponential moving average of the trained networks only (``pl_module.trained_state()``: the tensors of
+``pl_module.trained_networks()``, less the frozen base of a LoRA-adapted network, whose adapters alone are averaged).
 
 The averaged tensors are stored in the checkpoint under ``ema_state_dict``, with the same keys as in ``state_dict``
 (``decoder.…``, ``prior.…``), where :mod:`lit_wuerstchen.checkpoints` reads them. They are swapped in for validation,
@@ -43,6 +44,8 @@ class EMA(Callback):
 
     def _state(self, pl_module: LightningModule) -> dict[str, torch.Tensor]:
         """The trained networks' tensors, keyed as in the LightningModule's ``state_dict``."""
+        if hasattr(pl_module, "trained_state"):
+            return pl_module.trained_state()
         return {
             f"{name}.{key}": value
             for name, network in self._networks(pl_module).items()
@@ -50,8 +53,11 @@ class EMA(Callback):
         }
 
     def _load(self, pl_module: LightningModule, state: dict[str, torch.Tensor]) -> None:
-        for name, network in self._networks(pl_module).items():
-            network.load_state_dict({k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")})
+        current = self._state(pl_module)  # state_dict tensors share the weights' storage: copied into in place
+        if current.keys() != state.keys():
+            raise ValueError("the EMA weights do not match the network (different config?)")
+        for key, value in state.items():
+            current[key].copy_(value)
 
     def _ensure_averages(self, pl_module: LightningModule) -> dict[str, torch.Tensor]:
         if self._averages is None:

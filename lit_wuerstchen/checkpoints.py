@@ -11,7 +11,9 @@ usual dict plus ``checkpoint["lit_wuerstchen"] = {"format": 1, "stage": "A" | "B
 need, as dicts>}``. The trained networks' weights are under their attribute names in ``state_dict`` (``vqgan.``,
 ``decoder.``/``compressor.``, ``prior.``) and, when the EMA callback ran, under the same keys in ``ema_state_dict``;
 frozen parts that must travel with a checkpoint (Stage A inside Stage B, a randomly initialised text encoder inside
-Stage C) are in ``state_dict`` under theirs.
+Stage C) are in ``state_dict`` under theirs. A LoRA run's checkpoint (``record["lora"]`` with a rank > 0) holds only
+the adapters of its adapted network under that network's prefix and names its base in ``record["init_checkpoint"]``;
+the loaders build the base, merge the adapters into it and return plain networks (:mod:`lit_wuerstchen.lora`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from torch import nn
 from .diffusion import DiffusionConfig, SamplingConfig
 from .errors import CheckpointError
 from .generation import PipelineConfig, WuerstchenPipeline
+from .lora import LoraSettings, merge_lora
 from .models.compressor import CompressorConfig, SemanticCompressor
 from .models.diffnext import DiffNeXt, DiffNeXtConfig
 from .models.prior import Prior, PriorConfig
@@ -129,6 +132,9 @@ def config_from_dict(cls: type, data: Any, source: str | os.PathLike, where: str
     values = {}
     for name, value in data.items():
         hint = hints[name]
+        if not dataclasses.is_dataclass(hint):  # an optional config (``Config | None``) is its dataclass or None
+            options = [a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)]
+            hint = options[0] if len(options) == 1 and value is not None else hint
         nested = dataclasses.is_dataclass(hint)
         values[name] = config_from_dict(hint, value, source, f"{where}.{name}") if nested else value
     try:
@@ -200,20 +206,25 @@ class StageBParts:
     compression: float
     diffusion: DiffusionConfig
     sampling: SamplingConfig
+    text_encoder: TextEncoder | None = None
+    """The frozen text encoder of a text-conditioned decoder (None without text conditioning)."""
 
 
 def load_stage_b(path: str | os.PathLike, use_ema: bool = True, needed_by: str = "") -> StageBParts:
     """The networks of a Stage B checkpoint (EMA weights of decoder and compressor when present)."""
     checkpoint, record = read_stage_checkpoint(path, "B", needed_by)
-    compressor_config = dataclasses.replace(
-        config_from_dict(CompressorConfig, record["compressor"], path), pretrained=False
-    )  # its weights are in the checkpoint
-    decoder = DiffNeXt(config_from_dict(DiffNeXtConfig, record["decoder"], path))
-    compressor = SemanticCompressor(compressor_config, record["compression"])
+    decoder, compressor = _stage_b_networks(checkpoint, record, path, use_ema)
     stage_a = VQGAN(config_from_dict(VQGANConfig, record["stage_a"], path))
     load_weights(stage_a, network_weights(checkpoint, "stage_a", False, path), path, "Stage A")
-    load_weights(decoder, network_weights(checkpoint, "decoder", use_ema, path), path, "Stage B decoder")
-    load_weights(compressor, network_weights(checkpoint, "compressor", use_ema, path), path, "compressor")
+    text_encoder = None
+    if record.get("text_encoder"):
+        text_config = config_from_dict(TextEncoderConfig, record["text_encoder"], path)
+        if text_config.random_init:  # its weights travel with Stage B
+            text_encoder = TextEncoder(text_config)
+            load_weights(text_encoder, network_weights(checkpoint, "text_encoder", False, path), path, "text encoder")
+        else:
+            text_encoder = load_text_encoder(text_config)
+        text_encoder.eval()
     return StageBParts(
         decoder.eval(),
         compressor.eval(),
@@ -221,7 +232,87 @@ def load_stage_b(path: str | os.PathLike, use_ema: bool = True, needed_by: str =
         float(record["compression"]),
         config_from_dict(DiffusionConfig, record["diffusion"], path),
         config_from_dict(SamplingConfig, record["sampling"], path),
+        text_encoder,
     )
+
+
+def load_stage_b_networks(
+    path: str | os.PathLike, use_ema: bool = True, needed_by: str = ""
+) -> tuple[DiffNeXt, SemanticCompressor]:
+    """The trained networks of a Stage B checkpoint, decoder and compressor in eval mode (EMA weights when present; a
+    LoRA checkpoint's adapters merged into its base's decoder), without its frozen parts."""
+    checkpoint, record = read_stage_checkpoint(path, "B", needed_by)
+    return _stage_b_networks(checkpoint, record, path, use_ema)
+
+
+def _stage_b_networks(
+    checkpoint: dict, record: dict, path: str | os.PathLike, use_ema: bool
+) -> tuple[DiffNeXt, SemanticCompressor]:
+    compressor_config = dataclasses.replace(
+        config_from_dict(CompressorConfig, record["compressor"], path), pretrained=False
+    )  # its weights are in the checkpoint
+    decoder_config = config_from_dict(DiffNeXtConfig, record["decoder"], path)
+    compressor = SemanticCompressor(compressor_config, record["compression"])
+    lora = lora_of(record, path)
+    if lora is None:
+        decoder = DiffNeXt(decoder_config)
+        load_weights(decoder, network_weights(checkpoint, "decoder", use_ema, path), path, "Stage B decoder")
+        load_weights(compressor, network_weights(checkpoint, "compressor", use_ema, path), path, "compressor")
+    else:  # adapters on the base's decoder, merged; the compressor stayed frozen: the base's
+        base = lora_base(record, path)
+        base_decoder, base_compressor = load_stage_b_networks(base, needed_by=f"the LoRA checkpoint {path}")
+        _check_base_config(base_decoder.config, decoder_config, path, "decoder")
+        load_weights(compressor, base_compressor.state_dict(), base, "compressor")
+        adapter = network_weights(checkpoint, "decoder", use_ema, path)
+        decoder = merge_lora(base_decoder, adapter, lora, f"{path} (decoder)")
+    return decoder.eval(), compressor.eval()
+
+
+def load_prior(path: str | os.PathLike, use_ema: bool = True, needed_by: str = "") -> Prior:
+    """The prior of a Stage C checkpoint, in eval mode (EMA weights when present; a LoRA checkpoint's adapters merged
+    into its base's prior)."""
+    checkpoint, record = read_stage_checkpoint(path, "C", needed_by)
+    return _stage_c_prior(checkpoint, record, path, use_ema)
+
+
+def _stage_c_prior(checkpoint: dict, record: dict, path: str | os.PathLike, use_ema: bool) -> Prior:
+    config = config_from_dict(PriorConfig, record["prior"], path)
+    weights = network_weights(checkpoint, "prior", use_ema, path)
+    lora = lora_of(record, path)
+    if lora is None:
+        prior = Prior(config)
+        load_weights(prior, weights, path, "Stage C prior")
+        return prior.eval()
+    base = load_prior(lora_base(record, path), needed_by=f"the LoRA checkpoint {path}")
+    _check_base_config(base.config, config, path, "prior")
+    return merge_lora(base, weights, lora, f"{path} (prior)").eval()
+
+
+# --- LoRA checkpoints (lit_wuerstchen.lora, docs/finetune.md) ------------------------------------------------------
+def lora_of(record: dict, path: str | os.PathLike) -> LoraSettings | None:
+    """The LoRA settings of a stage checkpoint whose ``state_dict`` holds adapters only (None: full weights)."""
+    settings = record.get("lora")
+    if not settings:
+        return None
+    settings = config_from_dict(LoraSettings, settings, path, "lora")
+    return settings if settings.enabled else None
+
+
+def lora_base(record: dict, path: str | os.PathLike) -> str:
+    """The checkpoint a LoRA checkpoint's adapters were trained on (its ``init_checkpoint``; always its EMA
+    weights, as training started from them)."""
+    base = record.get("init_checkpoint")
+    if not base:
+        raise CheckpointError(f"{path} holds LoRA adapters but names no init_checkpoint (the weights they adapt)")
+    return str(base)
+
+
+def _check_base_config(base: Any, ours: Any, path: str | os.PathLike, what: str) -> None:
+    if base != ours:
+        differing = [f.name for f in dataclasses.fields(ours) if getattr(ours, f.name) != getattr(base, f.name)]
+        raise CheckpointError(
+            f"{path}: its {what} config differs from that of its init_checkpoint {differing} (the base changed?)"
+        )
 
 
 # --- pretrained parts ---------------------------------------------------------------------------------------------
@@ -318,15 +409,18 @@ def _pipeline_from_stage_c(path: Path, stage_b_checkpoint: str | os.PathLike | N
         prior_sampling=config_from_dict(SamplingConfig, record["sampling"], path),
         decoder_sampling=config_from_dict(SamplingConfig, record["decoder_sampling"], path),
         image_size=record.get("image_size"),
+        decoder_text_encoder=stage_b.text_encoder.config if stage_b.text_encoder is not None else None,
+        semantic_rounding=stage_b.compressor.config.latent_rounding,
     )
     if config.text_encoder.random_init:  # its weights travel with Stage C
         text_encoder = TextEncoder(config.text_encoder)
         load_weights(text_encoder, network_weights(checkpoint, "text_encoder", False, path), path, "text encoder")
     else:
         text_encoder = load_text_encoder(config.text_encoder)
-    prior = Prior(config.prior)
-    load_weights(prior, network_weights(checkpoint, "prior", use_ema, path), path, "Stage C prior")
-    return WuerstchenPipeline(text_encoder, prior, stage_b.decoder, stage_b.stage_a, config)
+    prior = _stage_c_prior(checkpoint, record, path, use_ema)
+    return WuerstchenPipeline(
+        text_encoder, prior, stage_b.decoder, stage_b.stage_a, config, decoder_text_encoder=stage_b.text_encoder
+    )
 
 
 def save_pipeline(pipeline: WuerstchenPipeline, directory: str | os.PathLike) -> Path:
@@ -334,7 +428,7 @@ def save_pipeline(pipeline: WuerstchenPipeline, directory: str | os.PathLike) ->
     :class:`PipelineConfig`)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    for name in EXPORT_PARTS:
+    for name in EXPORT_PARTS + (("decoder_text_encoder",) if pipeline.decoder_text_encoder is not None else ()):
         state = {k: v.detach().cpu().contiguous() for k, v in getattr(pipeline, name).state_dict().items()}
         safetensors.torch.save_file(state, directory / f"{name}.safetensors")
     (directory / EXPORT_CONFIG).write_text(json.dumps(asdict(pipeline.config), indent=2) + "\n")
@@ -360,6 +454,8 @@ def _pipeline_from_export(directory: Path) -> WuerstchenPipeline:
         "decoder": DiffNeXt(config.decoder),
         "stage_a": VQGAN(config.stage_a),
     }
+    if config.decoder_text_encoder is not None:
+        parts["decoder_text_encoder"] = TextEncoder(config.decoder_text_encoder)
     for name, module in parts.items():
         file = directory / f"{name}.safetensors"
         load_weights(module, read_state_dict(file), file, name)

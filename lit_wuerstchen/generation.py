@@ -38,13 +38,15 @@ def check_image_size(decoder: DiffNeXt, stage_a: VQGAN, height: int, width: int)
 
 
 def _sample_guided(network, shape, condition, uncondition, diffusion, sampling, generator, progress) -> torch.Tensor:
-    """Sample ``network(x_t, t, condition)`` from noise of ``shape``, guided against ``uncondition``."""
-    noise = torch.randn(shape, generator=generator, device=condition.device, dtype=torch.float32)
+    """Sample ``network(x_t, t, **condition)`` from noise of ``shape``, guided against ``uncondition`` (dicts of
+    the network's conditioning arguments)."""
+    device = next(iter(condition.values())).device
+    noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
     return diffusion.sample(
-        lambda x, t: network(x, t, condition),
+        lambda x, t: network(x, t, **condition),
         noise,
         sampling,
-        uncond_fn=lambda x, t: network(x, t, uncondition),
+        uncond_fn=lambda x, t: network(x, t, **uncondition),
         generator=generator,
         progress=progress,
     )
@@ -52,7 +54,7 @@ def _sample_guided(network, shape, condition, uncondition, diffusion, sampling, 
 
 def decode_stage_a(stage_a: VQGAN, latents: torch.Tensor) -> torch.Tensor:
     """Images [N, 3, H, W] in [0, 1] from scaled Stage A latents (what Stage B works on)."""
-    return stage_a.decode(latents / stage_a.scale_factor).float().clamp(0, 1)
+    return stage_a.decode(stage_a.from_stage_b(latents)).float().clamp(0, 1)
 
 
 @torch.no_grad()
@@ -66,15 +68,29 @@ def sample_stage_b(
     generator: torch.Generator | None = None,
     progress: ProgressFn | None = None,
     decode: bool = True,
+    text: torch.Tensor | None = None,
+    negative_text: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Images [N, 3, H, W] in [0, 1] of ``image_size`` from semantic latents: Stage B sampling, then the Stage A
-    decoder (``decode=False``: the scaled Stage A latents Stage B sampled)."""
+    decoder (``decode=False``: the scaled Stage A latents Stage B sampled). A text-conditioned decoder also takes
+    the prompts' hidden states ``text`` [N, L, D] and the negative prompt's ``negative_text`` [N or 1, L, D] (the
+    unconditional pass: zero semantic latent and negative prompt, as the released pipeline does)."""
     check_image_size(decoder, stage_a, *image_size)
+    if (text is None) != (decoder.text_channels == 0):
+        raise ValueError(
+            "this Stage B decoder is text-conditioned: pass text and negative_text"
+            if text is None
+            else "text was given to a Stage B decoder without text conditioning"
+        )
     factor = stage_a.config.downsampling
     height, width = image_size
     shape = (semantic.shape[0], decoder.latent_channels, height // factor, width // factor)
-    unconditional = torch.zeros_like(semantic)  # a dropped semantic latent is all zeros (see perturb_semantic)
-    latents = _sample_guided(decoder, shape, semantic, unconditional, diffusion, sampling, generator, progress)
+    condition = {"semantic": semantic}
+    unconditional = {"semantic": torch.zeros_like(semantic)}  # a dropped semantic latent is all zeros
+    if text is not None:
+        condition["text"] = text
+        unconditional["text"] = negative_text.expand(text.shape[0], -1, -1)
+    latents = _sample_guided(decoder, shape, condition, unconditional, diffusion, sampling, generator, progress)
     return decode_stage_a(stage_a, latents) if decode else latents
 
 
@@ -92,7 +108,9 @@ def sample_stage_c(
     """Normalised semantic latents [N, C, h, w] for text hidden states [N, L, D] (negative: [N or 1, L, D])."""
     negative_text = negative_text.expand(text.shape[0], -1, -1)
     shape = (text.shape[0], prior.latent_channels, *latent_size)
-    return _sample_guided(prior, shape, text, negative_text, diffusion, sampling, generator, progress)
+    return _sample_guided(
+        prior, shape, {"text": text}, {"text": negative_text}, diffusion, sampling, generator, progress
+    )
 
 
 @dataclass
@@ -115,6 +133,11 @@ class PipelineConfig:
     decoder_sampling: SamplingConfig = field(default_factory=decoder_sampling)
     image_size: list[int] | None = None
     """The training resolution (height, width): the default size of ``sample``."""
+    decoder_text_encoder: TextEncoderConfig | None = None
+    """The text encoder of a text-conditioned Stage B (released v2: CLIP ViT-H-14); None: Stage B has no text."""
+    semantic_rounding: str = "half_up"
+    """How the semantic latent side follows from the image side (:func:`semantic_latent_size`): "half_up" or
+    "ceil" (the released pipeline's ``ceil(side / 42.67)``)."""
 
 
 class WuerstchenPipeline(nn.Module):
@@ -125,10 +148,19 @@ class WuerstchenPipeline(nn.Module):
     """
 
     def __init__(
-        self, text_encoder: TextEncoder, prior: Prior, decoder: DiffNeXt, stage_a: VQGAN, config: PipelineConfig
+        self,
+        text_encoder: TextEncoder,
+        prior: Prior,
+        decoder: DiffNeXt,
+        stage_a: VQGAN,
+        config: PipelineConfig,
+        decoder_text_encoder: TextEncoder | None = None,
     ):
         super().__init__()
         self.text_encoder, self.prior, self.decoder, self.stage_a = text_encoder, prior, decoder, stage_a
+        if (decoder_text_encoder is None) != (decoder.text_channels == 0):
+            raise ValueError("a text-conditioned Stage B decoder needs its text encoder, and only it")
+        self.decoder_text_encoder = decoder_text_encoder
         self.config = config
         self.register_buffer("latent_mean", torch.tensor(config.latent_mean).reshape(1, -1, 1, 1))
         self.register_buffer("latent_std", torch.tensor(config.latent_std).reshape(1, -1, 1, 1))
@@ -156,7 +188,7 @@ class WuerstchenPipeline(nn.Module):
         check_image_size(self.decoder, self.stage_a, height, width)
         text, _ = self.text_encoder(list(prompts))
         negative, _ = self.text_encoder([negative_prompt])
-        latent_size = semantic_latent_size((height, width), self.config.compression)
+        latent_size = semantic_latent_size((height, width), self.config.compression, self.config.semantic_rounding)
         normalised = sample_stage_c(
             self.prior,
             text,
@@ -168,6 +200,10 @@ class WuerstchenPipeline(nn.Module):
             progress,
         )
         semantic = normalised * self.latent_std + self.latent_mean
+        decoder_text = decoder_negative = None
+        if self.decoder_text_encoder is not None:
+            decoder_text = self.decoder_text_encoder(list(prompts))[0]
+            decoder_negative = self.decoder_text_encoder([negative_prompt])[0]
         return sample_stage_b(
             self.decoder,
             self.stage_a,
@@ -177,4 +213,6 @@ class WuerstchenPipeline(nn.Module):
             decoder_sampling or self.config.decoder_sampling,
             generator,
             progress,
+            text=decoder_text,
+            negative_text=decoder_negative,
         )

@@ -92,7 +92,10 @@ def test_guidance_one_is_the_conditional_prediction(stage_c_checkpoint):
     text, _ = pipeline.text_encoder(prompts)
     negative = torch.zeros_like(text[:1])
     calls = []
-    hook = pipeline.prior.register_forward_hook(lambda module, inputs, output: calls.append(inputs[2]))
+    hook = pipeline.prior.register_forward_hook(
+        lambda module, args, kwargs, output: calls.append(kwargs.get("text", args[2] if len(args) > 2 else None)),
+        with_kwargs=True,
+    )
 
     def sample(negative_text, guidance):
         config = SamplingConfig(sampler="ddim", steps=3, guidance_scale=guidance)

@@ -16,7 +16,8 @@ A *model_fn* is ``model_fn(x_t, t) -> prediction`` with ``x_t`` of shape [B, ...
 ``target`` ("eps" or "v").  Conditioning (text embeddings, Stage-C latents, ...) is closed over by the
 caller, e.g. ``lambda x, t: model(x, t, clip_text=emb)``.
 
-Classifier-free guidance: ``guided = uncond + w·(cond - uncond)``, applied to the raw prediction (every
+Classifier-free guidance: ``guided = torch.lerp(uncond, cond, w) = uncond + w·(cond - uncond)`` (lerp, as the
+released pipelines compute it: the same value to the last bit), applied to the raw prediction (every
 target conversion is affine in the prediction for fixed x_t, so this equals guiding eps or x0).  Two ways:
 
 * pass ``guidance_scale=w`` and ``uncond_fn`` (a model_fn with the condition dropped) to a sampler, which
@@ -98,7 +99,7 @@ def cfg(cond_fn: ModelFn, uncond_fn: ModelFn | None, guidance_scale: float) -> M
         uncond = uncond_fn(x_t, t)
         if w == 0.0:
             return uncond
-        return uncond + w * (cond_fn(x_t, t) - uncond)
+        return torch.lerp(uncond, cond_fn(x_t, t), w)
 
     return guided
 
@@ -122,7 +123,7 @@ def cfg_batched(joint_fn: Callable[[Tensor, Tensor, Tensor], Tensor], guidance_s
         cond, uncond = out[:b], out[b:]
         if w == 0.0:
             return uncond
-        return uncond + w * (cond - uncond)
+        return torch.lerp(uncond, cond, w)
 
     return guided
 
@@ -151,18 +152,18 @@ def _predict(
 
 
 def ddpm_step(
-    x_t: Tensor, x0_hat: Tensor, t: Tensor, t_next: Tensor, schedule: CosineSchedule, noise: Tensor | None
+    x_t: Tensor, eps_hat: Tensor, t: Tensor, t_next: Tensor, schedule: CosineSchedule, noise: Tensor | None
 ) -> Tensor:
-    """Ancestral step: sample q(x_{t_next} | x_t, x0_hat); ``noise=None`` returns the posterior mean."""
+    """Ancestral step: sample q(x_{t_next} | x_t, x0_hat) written with the noise estimate, in the arithmetic of the
+    released sampler (diffusers' ``DDPMWuerstchenScheduler.step``: the same value to the last bit, so a converted
+    model samples what diffusers samples); ``noise=None`` returns the posterior mean."""
     abar_t = expand_like(schedule.alpha_bar(t), x_t)
     abar_s = expand_like(schedule.alpha_bar(t_next), x_t)
-    alpha = (abar_t / abar_s).clamp(max=1.0)  # alpha of the transition t_next -> t
-    beta = 1 - alpha
-    mean = (abar_s.sqrt() * beta * x0_hat + alpha.sqrt() * (1 - abar_s) * x_t) / (1 - abar_t)
+    alpha = abar_t / abar_s  # alpha of the transition t_next -> t
+    mean = (1.0 / alpha).sqrt() * (x_t - (1 - alpha) * eps_hat / (1 - abar_t).sqrt())
     if noise is None:
         return mean
-    var = beta * (1 - abar_s) / (1 - abar_t)
-    return mean + var.clamp(min=0).sqrt() * noise
+    return mean + ((1 - alpha) * (1.0 - abar_s) / (1.0 - abar_t)).sqrt() * noise
 
 
 def ddim_step(x_t: Tensor, x0_hat: Tensor, eps_hat: Tensor, t_next: Tensor, schedule: CosineSchedule) -> Tensor:
@@ -219,8 +220,10 @@ class Sampler:
 
 
 def _ddpm_update(x, x0_hat, eps_hat, t, t_next, to_zero, schedule, generator):
-    noise = None if to_zero else torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-    return ddpm_step(x, x0_hat, t, t_next, schedule, noise)
+    # Drawn at every step, the last (unused) one too, as diffusers' DDPMWuerstchenScheduler does: one generator
+    # shared by Stage C and Stage B then gives both frameworks the same noise.
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+    return ddpm_step(x, eps_hat, t, t_next, schedule, None if to_zero else noise)
 
 
 def _ddim_update(x, x0_hat, eps_hat, t, t_next, to_zero, schedule, generator):

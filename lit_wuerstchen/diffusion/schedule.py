@@ -48,7 +48,10 @@ class CosineSchedule:
         self.s = float(s)
         self.clamp_range = (lo, hi)
         self.logsnr_shift = float(logsnr_shift)
-        self._norm = math.cos(self.s / (1 + self.s) * math.pi * 0.5) ** 2
+        # float32 maths in the released sampler's order of operations (diffusers' DDPMWuerstchenScheduler): the
+        # same alpha_bar to the last bit, so sampling a converted model does not drift.
+        self._s = torch.tensor([self.s], dtype=torch.float32)
+        self._norm = torch.cos(self._s / (1 + self._s) * math.pi * 0.5) ** 2
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(s={self.s}, clamp_range={self.clamp_range}, logsnr_shift={self.logsnr_shift})"
@@ -60,7 +63,8 @@ class CosineSchedule:
     def alpha_bar(self, t: Tensor | float) -> Tensor:
         """alpha_bar(t) in float32, same shape as ``t``."""
         t = self._as_t(t)
-        abar = torch.cos((t + self.s) / (1 + self.s) * math.pi * 0.5).clamp(0, 1) ** 2 / self._norm
+        s = self._s.to(t.device)
+        abar = torch.cos((t + s) / (1 + s) * math.pi * 0.5) ** 2 / self._norm.to(t.device)
         if self.logsnr_shift != 1.0:
             # Unclamped logSNR of the plain schedule (guarded against 0/1), then shifted.
             a = abar.clamp(1e-12, 1 - 1e-7)

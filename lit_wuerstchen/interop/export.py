@@ -8,14 +8,15 @@ Writes, under the output folder:
   ``PaellaVQModel``, ``text_encoder/`` + ``tokenizer/``, ``scheduler/``), the layout of ``warp-ai/wuerstchen``.
 
 ``WuerstchenPrior.from_pretrained(out / "prior", subfolder="prior")`` (and likewise the decoder and VQGAN) load the
-networks alone; ``WuerstchenCombinedPipeline`` is built from the two pipelines (README "Start from the released
-weights"). Every tensor goes through the exact name maps of :mod:`.keymaps`; a structure diffusers' classes cannot
-hold (a Stage B without text, per-channel latent normalisation, a VQGAN without Paella blocks) is a one-line error
-before anything is written. Needs the ``interop`` extra (diffusers, transformers).
+networks alone; :func:`load_diffusers_pipeline` builds diffusers' ``WuerstchenCombinedPipeline`` from the two
+folders (README "Start from the released weights"). Every tensor goes through the exact name maps of
+:mod:`.keymaps`; a structure diffusers' classes cannot hold (a Stage B without text, per-channel latent
+normalisation, a VQGAN without Paella blocks) is a one-line error before anything is written. Needs the ``interop`` extra (diffusers, transformers).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -139,3 +140,47 @@ def export_diffusers(pipeline: WuerstchenPipeline, out: str | os.PathLike, overw
         shutil.rmtree(out)
     os.replace(partial, out)
     return out
+
+
+def load_diffusers_pipeline(folder: str | os.PathLike):
+    """diffusers' ``WuerstchenCombinedPipeline`` from an exported folder (``prior/`` + ``decoder/``), built from its
+    components: diffusers >= 0.36 keeps Würstchen under ``pipelines.deprecated``, where ``from_pretrained`` cannot
+    resolve the networks named in any ``model_index.json`` (the released repos' too). The prior and decoder
+    pipelines' own settings (latent scaling, resolution multiple, latent_dim_scale) are applied to the combined
+    pipeline, which would otherwise use the released defaults."""
+    require("diffusers")
+    require("transformers")
+    from diffusers import DDPMWuerstchenScheduler
+    from diffusers.pipelines.deprecated.wuerstchen import (
+        PaellaVQModel,
+        WuerstchenCombinedPipeline,
+        WuerstchenDiffNeXt,
+        WuerstchenPrior,
+    )
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    prior, decoder = folder / "prior", folder / "decoder"
+    for path in (prior / "model_index.json", decoder / "model_index.json"):
+        if not path.is_file():
+            missing = path.relative_to(folder)
+            raise InteropError(f"{folder} is not an exported diffusers Würstchen folder (no {missing})")
+    prior_config = json.loads((prior / "model_index.json").read_text())
+    decoder_config = json.loads((decoder / "model_index.json").read_text())
+    combined = WuerstchenCombinedPipeline(
+        tokenizer=CLIPTokenizer.from_pretrained(decoder / "tokenizer"),
+        text_encoder=CLIPTextModel.from_pretrained(decoder / "text_encoder"),
+        decoder=WuerstchenDiffNeXt.from_pretrained(decoder / "decoder"),
+        scheduler=DDPMWuerstchenScheduler.from_pretrained(decoder / "scheduler"),
+        vqgan=PaellaVQModel.from_pretrained(decoder / "vqgan"),
+        prior_tokenizer=CLIPTokenizer.from_pretrained(prior / "tokenizer"),
+        prior_text_encoder=CLIPTextModel.from_pretrained(prior / "text_encoder"),
+        prior_prior=WuerstchenPrior.from_pretrained(prior / "prior"),
+        prior_scheduler=DDPMWuerstchenScheduler.from_pretrained(prior / "scheduler"),
+    )
+    combined.prior_pipe.register_to_config(
+        **{k: prior_config[k] for k in ("latent_mean", "latent_std", "resolution_multiple") if k in prior_config}
+    )
+    if "latent_dim_scale" in decoder_config:
+        combined.decoder_pipe.register_to_config(latent_dim_scale=decoder_config["latent_dim_scale"])
+    return combined

@@ -309,7 +309,7 @@ def vqgan_config_from_diffusers(config: Mapping) -> VQGANConfig:
     )
 
 
-# --- applying a map -----------------------------------------------------------------------------------------------------
+# --- applying a map ----------------------------------------------------------------------------------------------
 def rename(
     state: Mapping[str, torch.Tensor],
     key_map: Mapping[str, str],

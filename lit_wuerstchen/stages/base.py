@@ -6,20 +6,21 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 import lightning as L
 import numpy as np
 import torch
 import torch.distributed as dist
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from ..checkpoints import RECORD, stage_record
 from ..data.cache import check_models
 from ..diffusion import Diffusion, DiffusionConfig, SamplingConfig
-from ..errors import DivergenceError
+from ..errors import ConfigError, DivergenceError
+from ..lora import LoraSettings, describe, inject_lora, is_adapter_key
 
 
 @dataclass
@@ -73,6 +74,35 @@ def as_dataclass(cls, value):
     return cls(**value) if isinstance(value, dict) else value
 
 
+# --- starting from a checkpoint (docs/finetune.md) -------------------------------------------------------------------
+def lora_settings(value: LoraSettings | dict, init_checkpoint: str | None) -> LoraSettings:
+    """The LoRA settings of a run; LoRA needs a base to adapt (``init_checkpoint``): without one, a one-line error."""
+    settings = as_dataclass(LoraSettings, value)
+    if settings.enabled and not init_checkpoint:
+        raise ConfigError(
+            f"lora.rank {settings.rank} needs model.init_args.init_checkpoint: LoRA adapts the networks of a trained "
+            f"checkpoint (its base weights are not saved, only the adapters)"
+        )
+    return settings
+
+
+def network_from_init(ours: Any, theirs: Any, init_checkpoint: str, option: str, ignore: tuple[str, ...] = ()) -> Any:
+    """The config of a network that starts from ``init_checkpoint``'s (whose config is ``theirs``): ``theirs`` when
+    this run sets none (``ours`` is None), else ``ours``, which must equal it but for ``ignore``d fields; a mismatch
+    is a one-line error naming the differing fields."""
+    if ours is None:
+        return theirs
+    names = [f.name for f in fields(ours) if f.name not in ignore]
+    differing = [name for name in names if getattr(ours, name) != getattr(theirs, name)]
+    if differing:
+        values = ", ".join(f"{name} {getattr(ours, name)!r} (there: {getattr(theirs, name)!r})" for name in differing)
+        raise ConfigError(
+            f"model.init_args.{option} does not match the network of init_checkpoint {init_checkpoint}: {values}; "
+            f"leave {option} out to adopt the checkpoint's"
+        )
+    return ours
+
+
 class Stage(L.LightningModule):
     """Base of the stage LightningModules.
 
@@ -92,6 +122,7 @@ class Stage(L.LightningModule):
         self.skipped_steps = 0  # bad steps skipped so far (kept in the checkpoint record: survives a resume)
         self._last_loss: torch.Tensor | None = None
         self._logged_counts: dict[str, float] = {}  # last value logged per cumulative counter
+        self._lora_base: dict[str, frozenset[str]] = {}  # per LoRA-adapted network: its frozen base's keys
 
     # --- frozen parts ---------------------------------------------------------------------------------------------
     def freeze(self, name: str, module: nn.Module, persistent: bool = False) -> nn.Module:
@@ -129,7 +160,27 @@ class Stage(L.LightningModule):
         raise NotImplementedError
 
     def trained_parameters(self) -> list[nn.Parameter]:
-        return [p for network in self.trained_networks().values() for p in network.parameters()]
+        """What the optimiser steps: the trained networks' parameters that need a gradient (all of them, or the
+        adapters of a LoRA run)."""
+        return [p for network in self.trained_networks().values() for p in network.parameters() if p.requires_grad]
+
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        """What the EMA averages (and a checkpoint's ``state_dict`` holds of the trained networks), keyed as in
+        ``state_dict``: every tensor of the trained networks, less the frozen base of a LoRA-adapted one."""
+        return {
+            f"{name}.{key}": value
+            for name, network in self.trained_networks().items()
+            for key, value in network.state_dict().items()
+            if key not in self._lora_base.get(name, ())
+        }
+
+    def add_lora(self, name: str, settings: LoraSettings) -> None:
+        """LoRA adapters into the trained network ``self.<name>`` (:mod:`lit_wuerstchen.lora`): its weights so far
+        become the frozen base, which leaves ``state_dict`` (and so checkpoints; it comes back from the stage's
+        ``init_checkpoint``); the optimiser and the EMA see only the adapters."""
+        network = inject_lora(getattr(self, name), settings)
+        self._lora_base[name] = frozenset(key for key in network.state_dict() if not is_adapter_key(key))
+        rank_zero_info(f"{describe(settings, network)} in the {name}")
 
     def store_plain_hparams(self, **configs) -> None:
         """Keep config dataclasses as plain dicts in ``hparams``: checkpoints then load with ``weights_only``."""
@@ -296,6 +347,9 @@ def _frozen_state_dict_hook(module: Stage, state_dict: dict, prefix: str, local_
         if persistent:
             for key, value in frozen.state_dict().items():
                 state_dict[f"{prefix}{name}.{key}"] = value
+    for name, base in module._lora_base.items():  # a LoRA run saves its adapters, not the base it started from
+        for key in base:
+            state_dict.pop(f"{prefix}{name}.{key}", None)
 
 
 def _frozen_load_state_dict_hook(
@@ -319,6 +373,10 @@ def _frozen_load_state_dict_hook(
         result = frozen.load_state_dict(own, strict=False)
         missing_keys.extend(head + key for key in result.missing_keys)
         unexpected_keys.extend(head + key for key in result.unexpected_keys)
+    for name, base in module._lora_base.items():  # an adapter-only state dict: the base stays as it was built
+        current = getattr(module, name).state_dict()
+        for key in base:
+            state_dict.setdefault(f"{prefix}{name}.{key}", current[key])
 
 
 class DiffusionStage(Stage):

@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 from torch import nn
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from ..checkpoints import build_compressor, load_stage_a, read_stage_checkpoint
+from ..checkpoints import (
+    build_compressor,
+    load_stage_a,
+    load_stage_b_networks,
+    load_text_encoder,
+    read_stage_checkpoint,
+)
 from ..diffusion import DiffusionConfig, SamplingConfig, decoder_sampling
 from ..generation import decode_stage_a, sample_stage_b
-from ..models.compressor import CompressorConfig
+from ..lora import LoraSettings
+from ..models.compressor import CompressorConfig, SemanticCompressor
 from ..models.diffnext import DiffNeXt, DiffNeXtConfig, perturb_semantic
+from ..models.text_encoder import TextEncoderConfig
 from ..models.vqgan import VQGANConfig
-from .base import DiffusionStage, OptimizerConfig, as_dataclass
+from .base import DiffusionStage, OptimizerConfig, as_dataclass, lora_settings, network_from_init
 
 
 class StageB(DiffusionStage):
@@ -25,11 +34,21 @@ class StageB(DiffusionStage):
             Stage B's checkpoints, so later stages need only those.
         compression: image side / semantic latent side (docs/design.md "Semantic compressor"); the compressor
             resizes the image to ``round(side / compression) * stride``. THE ablation knob.
-        network / compressor / diffusion / optimizer: component settings.
+        network / compressor / diffusion / optimizer: component settings. ``network`` / ``compressor`` None: the
+            ``init_checkpoint``'s when one is given, else the defaults (the released v2 sizes).
         semantic_drop_prob: per-sample probability that the semantic latent is zeroed (for guidance).
         semantic_noise_prob / semantic_noise_std: occasional Gaussian noise on the semantic latent, so the
             decoder tolerates imperfect Stage C outputs.
         validation_sampling: sampler, steps and guidance of the full decode run at validation.
+        text_encoder: the frozen text encoder of a text-conditioned decoder (``network.text_channels > 0``; the
+            released v2 decoder reads CLIP ViT-H-14 hidden states); None without text conditioning.
+        caption_drop_prob: captions replaced by "" in training (the unconditional prompt of guidance).
+        init_checkpoint: a Stage B checkpoint whose decoder and compressor (EMA weights when present) this run
+            starts from (fine-tuning; not a resume: fresh optimiser, step 0). A ``network`` / ``compressor`` given
+            must equal its configs (``compressor.pretrained`` aside: the weights come from the checkpoint).
+        lora: LoRA adapters on the decoder (``rank > 0``; needs ``init_checkpoint``): the decoder's weights stay
+            frozen and only the adapters are trained, averaged and saved; the compressor is frozen too (the
+            init checkpoint's, in eval mode) and not saved (docs/finetune.md).
     """
 
     stage = "B"
@@ -38,8 +57,8 @@ class StageB(DiffusionStage):
         self,
         stage_a_checkpoint: str,
         compression: float = 42.67,
-        network: DiffNeXtConfig = DiffNeXtConfig(),
-        compressor: CompressorConfig = CompressorConfig(),
+        network: DiffNeXtConfig | None = None,
+        compressor: CompressorConfig | None = None,
         diffusion: DiffusionConfig = DiffusionConfig(),
         optimizer: OptimizerConfig = OptimizerConfig(lr=1e-4, warmup_steps=10_000),
         semantic_drop_prob: float = 0.05,
@@ -47,11 +66,24 @@ class StageB(DiffusionStage):
         semantic_noise_std: float = 0.1,
         validation_sampling: SamplingConfig = decoder_sampling(),
         num_logged_images: int = 8,
+        text_encoder: TextEncoderConfig | None = None,
+        caption_drop_prob: float = 0.05,
+        init_checkpoint: str | None = None,
+        lora: LoraSettings = LoraSettings(),
     ):
         super().__init__(diffusion, validation_sampling)
         self.save_hyperparameters()
+        self.lora_config = lora_settings(lora, init_checkpoint)
         network = as_dataclass(DiffNeXtConfig, network)
         compressor = as_dataclass(CompressorConfig, compressor)
+        init = None
+        if init_checkpoint is not None:
+            init = load_stage_b_networks(init_checkpoint, needed_by="init_checkpoint")  # (decoder, compressor)
+            network = network_from_init(network, init[0].config, init_checkpoint, "network")
+            compressor = network_from_init(
+                compressor, init[1].config, init_checkpoint, "compressor", ignore=("pretrained",)
+            )
+        network, compressor = network or DiffNeXtConfig(), compressor or CompressorConfig()
         self.optimizer_config = as_dataclass(OptimizerConfig, optimizer)
         self.store_plain_hparams(
             network=network,
@@ -59,6 +91,7 @@ class StageB(DiffusionStage):
             diffusion=self.diffusion_config,
             optimizer=self.optimizer_config,
             validation_sampling=self.sampling_config,
+            lora=self.lora_config,
         )
         if compressor.latent_channels != network.semantic_channels:
             raise ValueError(
@@ -72,8 +105,39 @@ class StageB(DiffusionStage):
                 f"Stage A at {stage_a_checkpoint} makes {stage_a.config.latent_channels}-channel latents, "
                 f"but network.latent_channels is {network.latent_channels}"
             )
-        self.compressor = build_compressor(compressor, compression)
-        self.decoder = DiffNeXt(network)
+        self.text_encoder_config = as_dataclass(TextEncoderConfig, text_encoder) if text_encoder else None
+        self.text_encoder = None
+        if network.text_channels and self.text_encoder_config is None:
+            raise ValueError(
+                f"network.text_channels is {network.text_channels}: this decoder is text-conditioned and needs "
+                "model.init_args.text_encoder (the released v2 decoder: ViT-H-14, laion2b_s32b_b79k)"
+            )
+        if self.text_encoder_config is not None:
+            if not network.text_channels:
+                raise ValueError("text_encoder is set but network.text_channels is 0: the decoder would ignore it")
+            # A randomly initialised text encoder (toy runs) travels with the checkpoint.
+            self.text_encoder = self.freeze(
+                "text_encoder",
+                load_text_encoder(self.text_encoder_config),
+                persistent=self.text_encoder_config.random_init,
+            )
+            if self.text_encoder.width != network.text_channels:
+                raise ValueError(
+                    f"network.text_channels is {network.text_channels}, but the text encoder "
+                    f"{self.text_encoder_config.model_name} gives {self.text_encoder.width}-wide hidden states"
+                )
+        if init is None:
+            compressor_network = build_compressor(compressor, compression)
+            self.decoder = DiffNeXt(network)
+        else:  # its weights come from init_checkpoint
+            compressor_network = SemanticCompressor(dataclasses.replace(compressor, pretrained=False), compression)
+            compressor_network.load_state_dict(init[1].state_dict())
+            self.decoder = init[0].train().requires_grad_(True)
+        if self.lora_config.enabled:
+            self.freeze("compressor", compressor_network)
+            self.add_lora("decoder", self.lora_config)
+        else:
+            self.compressor = compressor_network
 
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0, reduction="elementwise_mean", dim=(1, 2, 3))
         self.val_psnr_stage_a = PeakSignalNoiseRatio(data_range=1.0, reduction="elementwise_mean", dim=(1, 2, 3))
@@ -84,10 +148,16 @@ class StageB(DiffusionStage):
         """Image sides Stage A encodes and the decoder's U-Net divides are multiples of this (checked before anything
         is built; the Stage A checkpoint is read, not loaded)."""
         _, record = read_stage_checkpoint(init_args["stage_a_checkpoint"], "A", needed_by="Stage B")
-        network = as_dataclass(DiffNeXtConfig, init_args.get("network") or {})
+        network = init_args.get("network")
+        if network is None and init_args.get("init_checkpoint"):  # the decoder of the checkpoint it starts from
+            _, init_record = read_stage_checkpoint(init_args["init_checkpoint"], "B", needed_by="init_checkpoint")
+            network = init_record["decoder"]
+        network = as_dataclass(DiffNeXtConfig, network or {})
         return VQGANConfig(**record["vqgan"]).downsampling * network.divisor
 
     def trained_networks(self) -> dict[str, nn.Module]:
+        if self.lora_config.enabled:  # the compressor is frozen (the adapters are the decoder's)
+            return {"decoder": self.decoder}
         return {"decoder": self.decoder, "compressor": self.compressor}
 
     def checkpoint_configs(self) -> dict[str, Any]:
@@ -98,13 +168,16 @@ class StageB(DiffusionStage):
             "stage_a": self.stage_a.config,
             "diffusion": self.diffusion_config,
             "sampling": self.sampling_config,
+            "text_encoder": self.text_encoder_config,
+            "init_checkpoint": str(self.hparams.init_checkpoint) if self.hparams.init_checkpoint else None,
+            "lora": self.lora_config if self.lora_config.enabled else None,
         }
 
     # --- the two encoders ----------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_stage_a(self, images: torch.Tensor) -> torch.Tensor:
-        """The training target: Stage A's *unquantised* latent, times its scale factor."""
-        return self.stage_a.encode(images) * self.stage_a.scale_factor
+        """The training target: Stage A's *unquantised* latent, in Stage B's scale."""
+        return self.stage_a.to_stage_b(self.stage_a.encode(images))
 
     @torch.no_grad()
     def decode_stage_a(self, latents: torch.Tensor) -> torch.Tensor:
@@ -131,15 +204,33 @@ class StageB(DiffusionStage):
         cached = batch.get("cache")
         latents = cached["latent"].float() if cached is not None else self.encode_stage_a(images)
         semantic = self.compressor(images)
+        conditioning = {"semantic": semantic}
         if train:
             hp = self.hparams
-            semantic = perturb_semantic(semantic, hp.semantic_drop_prob, hp.semantic_noise_prob, hp.semantic_noise_std)
-        return latents, {"semantic": semantic}
+            conditioning["semantic"] = perturb_semantic(
+                semantic, hp.semantic_drop_prob, hp.semantic_noise_prob, hp.semantic_noise_std
+            )
+        if self.text_encoder is not None:
+            captions = list(batch["caption"])
+            if train and self.hparams.caption_drop_prob > 0:  # host-side draws: no device sync
+                keep = (torch.rand(len(captions)) >= self.hparams.caption_drop_prob).tolist()
+                captions = [c if k else "" for c, k in zip(captions, keep)]
+            conditioning["text"] = self.text_encoder(captions)[0]
+        return latents, conditioning
 
     # --- sampling -------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def reconstruct(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """image -> compressor -> Stage B sampling -> Stage A decode."""
+    def reconstruct(
+        self, images: torch.Tensor, generator: torch.Generator | None = None, captions: list[str] | None = None
+    ) -> torch.Tensor:
+        """image (and its caption, for a text-conditioned decoder) -> compressor -> Stage B sampling -> Stage A
+        decode."""
+        text = negative = None
+        if self.text_encoder is not None:
+            if captions is None:
+                raise ValueError("this Stage B decoder is text-conditioned: reconstruct needs the captions")
+            text = self.text_encoder(list(captions))[0]
+            negative = self.text_encoder([""])[0]
         return sample_stage_b(
             self.decoder,
             self.stage_a,
@@ -148,12 +239,14 @@ class StageB(DiffusionStage):
             self.diffusion,
             self.sampling_config,
             generator,
+            text=text,
+            negative_text=negative,
         )
 
     # --- validation -----------------------------------------------------------------------------------------
     def validation_samples(self, batch: dict, generator: torch.Generator) -> None:
         images = batch["image"]
-        reconstruction = self.reconstruct(images, generator=generator)
+        reconstruction = self.reconstruct(images, generator=generator, captions=batch.get("caption"))
         images = images.float()
         self.val_psnr.update(reconstruction, images)
         self.val_ssim.update(reconstruction, images)
@@ -168,10 +261,12 @@ class StageB(DiffusionStage):
         super().on_validation_epoch_end()
 
     def evaluation_images(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.reconstruct(batch["image"], generator)
+        return self.reconstruct(batch["image"], generator, batch.get("caption"))
 
     def log_images(self, batch: dict) -> dict[str, torch.Tensor]:
-        images = batch["image"][: self.hparams.num_logged_images]
+        count = self.hparams.num_logged_images
+        images = batch["image"][:count]
+        captions = batch["caption"][:count] if "caption" in batch else None
         generator = torch.Generator(device=images.device).manual_seed(0)
         semantic = self.compressor(images)
         # First three semantic channels, min-max scaled, as a picture of the tiny latent.
@@ -181,5 +276,5 @@ class StageB(DiffusionStage):
             "input": images,
             "stage_a": self.decode_stage_a(self.encode_stage_a(images)),
             "semantic": semantic_view,
-            "stage_b": self.reconstruct(images, generator=generator),
+            "stage_b": self.reconstruct(images, generator=generator, captions=captions),
         }

@@ -8,14 +8,15 @@ import torch
 from lightning.fabric.utilities import move_data_to_device
 from torch import nn
 
-from ..checkpoints import RECORD, load_stage_b, load_text_encoder, read_stage_checkpoint
+from ..checkpoints import RECORD, load_prior, load_stage_b, load_text_encoder, read_stage_checkpoint
 from ..diffusion import DiffusionConfig, SamplingConfig, decoder_sampling, prior_sampling
 from ..generation import PipelineConfig, WuerstchenPipeline
+from ..lora import LoraSettings
 from ..models.diffnext import DiffNeXtConfig
 from ..models.prior import Prior, PriorConfig
 from ..models.text_encoder import TextEncoderConfig
 from ..models.vqgan import VQGANConfig
-from .base import DiffusionStage, OptimizerConfig, as_dataclass
+from .base import DiffusionStage, OptimizerConfig, as_dataclass, lora_settings, network_from_init
 
 # Würstchen v2 fed Stage C with (x + 1) / 42 and sampling undid it with x * 42 - 1.
 V2_LATENT_MEAN, V2_LATENT_STD = -1.0, 42.0
@@ -28,12 +29,18 @@ class StageC(DiffusionStage):
         stage_b_checkpoint: the Stage B checkpoint; its compressor (EMA) makes the training targets, and its
             decoder and Stage A decode validation samples. Sampling later finds Stage B through this path.
         network: the prior; ``network.latent_channels`` must match the compressor's and ``network.text_channels``
-            the text encoder's width.
+            the text encoder's width. None: the ``init_checkpoint``'s prior when one is given, else the defaults
+            (the released v2 sizes).
         latent_normalization: how semantic latents are scaled for the prior: "v2" (``(x + 1) / 42``, the released
             model) or "measured" (per-channel mean/std over ``normalization_batches`` training batches, measured
             once at the start of training and stored in the checkpoint).
         caption_drop_prob: captions replaced by "" (the unconditional prompt for classifier-free guidance).
         validation_sampling / decoder_sampling: Stage C and Stage B sampling for generated images.
+        init_checkpoint: a Stage C checkpoint whose prior (EMA weights when present) and latent normalisation this
+            run starts from (fine-tuning; not a resume: fresh optimiser, step 0). A ``network`` given must equal its
+            prior's config.
+        lora: LoRA adapters on the prior (``rank > 0``; needs ``init_checkpoint``): the prior's weights stay frozen,
+            only the adapters are trained, averaged and saved (docs/finetune.md).
     """
 
     stage = "C"
@@ -41,7 +48,7 @@ class StageC(DiffusionStage):
     def __init__(
         self,
         stage_b_checkpoint: str,
-        network: PriorConfig = PriorConfig(),
+        network: PriorConfig | None = None,
         text_encoder: TextEncoderConfig = TextEncoderConfig(),
         diffusion: DiffusionConfig = DiffusionConfig(),
         optimizer: OptimizerConfig = OptimizerConfig(lr=1e-4, warmup_steps=10_000),
@@ -51,10 +58,19 @@ class StageC(DiffusionStage):
         validation_sampling: SamplingConfig = prior_sampling(),
         decoder_sampling: SamplingConfig = decoder_sampling(),
         num_logged_images: int = 8,
+        init_checkpoint: str | None = None,
+        lora: LoraSettings = LoraSettings(),
     ):
         super().__init__(diffusion, validation_sampling)
         self.save_hyperparameters()
+        self.lora_config = lora_settings(lora, init_checkpoint)
         network = as_dataclass(PriorConfig, network)
+        init_prior = init_state = None
+        if init_checkpoint is not None:
+            init_state = read_stage_checkpoint(init_checkpoint, "C", needed_by="init_checkpoint")[0]["state_dict"]
+            init_prior = load_prior(init_checkpoint, needed_by="init_checkpoint")
+            network = network_from_init(network, init_prior.config, init_checkpoint, "network")
+        network = network or PriorConfig()
         self.text_encoder_config = as_dataclass(TextEncoderConfig, text_encoder)
         self.optimizer_config = as_dataclass(OptimizerConfig, optimizer)
         self.decoder_sampling_config = as_dataclass(SamplingConfig, decoder_sampling)
@@ -65,6 +81,7 @@ class StageC(DiffusionStage):
             optimizer=self.optimizer_config,
             validation_sampling=self.sampling_config,
             decoder_sampling=self.decoder_sampling_config,
+            lora=self.lora_config,
         )
 
         stage_b = load_stage_b(stage_b_checkpoint, needed_by="Stage C")
@@ -73,8 +90,11 @@ class StageC(DiffusionStage):
             ("compressor", stage_b.compressor),
             ("decoder", stage_b.decoder),
             ("stage_a", stage_b.stage_a),
+            ("decoder_text_encoder", stage_b.text_encoder),
         ):
-            self.freeze(name, module)
+            if module is not None:
+                self.freeze(name, module)
+        self.decoder_text_encoder = stage_b.text_encoder
         # A randomly initialised text encoder (toy runs) must travel with the prior: it is saved in the checkpoint.
         text_encoder = self.freeze(
             "text_encoder", load_text_encoder(self.text_encoder_config), persistent=self.text_encoder_config.random_init
@@ -90,14 +110,20 @@ class StageC(DiffusionStage):
                 f"{self.text_encoder_config.model_name} gives {text_encoder.width}-wide hidden states; "
                 f"set model.init_args.network.text_channels: {text_encoder.width}"
             )
-        self.prior = Prior(network)
+        self.prior = Prior(network) if init_prior is None else init_prior.train().requires_grad_(True)
 
         channels = network.latent_channels
         v2 = latent_normalization == "v2"
         self.register_buffer("latent_mean", torch.full((channels,), V2_LATENT_MEAN if v2 else 0.0))
         self.register_buffer("latent_std", torch.full((channels,), V2_LATENT_STD if v2 else 1.0))
         self.register_buffer("normalization_ready", torch.tensor(v2))
+        if init_state is not None and bool(init_state.get("normalization_ready", False)):
+            # the prior was trained on the init checkpoint's latent scale: it keeps it (latent_normalization aside)
+            for name in ("latent_mean", "latent_std", "normalization_ready"):
+                getattr(self, name).copy_(init_state[name])
         self.image_size: tuple[int, int] | None = None
+        if self.lora_config.enabled:
+            self.add_lora("prior", self.lora_config)
 
     @classmethod
     def image_multiple(cls, init_args: dict) -> int:
@@ -114,6 +140,8 @@ class StageC(DiffusionStage):
             "prior": self.prior.config,
             "text_encoder": self.text_encoder_config,
             "stage_b_checkpoint": str(self.hparams.stage_b_checkpoint),
+            "init_checkpoint": str(self.hparams.init_checkpoint) if self.hparams.init_checkpoint else None,
+            "lora": self.lora_config if self.lora_config.enabled else None,
             "diffusion": self.diffusion_config,
             "sampling": self.sampling_config,
             "decoder_sampling": self.decoder_sampling_config,
@@ -227,8 +255,18 @@ class StageC(DiffusionStage):
             decoder_diffusion=self.decoder_diffusion_config,
             prior_sampling=self.sampling_config,
             decoder_sampling=self.decoder_sampling_config,
+            decoder_text_encoder=self.decoder_text_encoder.config if self.decoder_text_encoder is not None else None,
+            semantic_rounding=self.compressor.config.latent_rounding,
         )
-        return WuerstchenPipeline(self.text_encoder, self.prior, self.decoder, self.stage_a, config).to(self.device)
+        pipeline = WuerstchenPipeline(
+            self.text_encoder,
+            self.prior,
+            self.decoder,
+            self.stage_a,
+            config,
+            decoder_text_encoder=self.decoder_text_encoder,
+        )
+        return pipeline.to(self.device)
 
     @torch.no_grad()
     def generate(self, prompts: list[str], image_size: tuple[int, int], generator=None) -> torch.Tensor:
