@@ -11,7 +11,8 @@ Writes, under the output folder:
 networks alone; :func:`load_diffusers_pipeline` builds diffusers' ``WuerstchenCombinedPipeline`` from the two
 folders (README "Start from the released weights"). Every tensor goes through the exact name maps of
 :mod:`.keymaps`; a structure diffusers' classes cannot hold (a Stage B without text, per-channel latent
-normalisation, a VQGAN without Paella blocks) is a one-line error before anything is written. Needs the ``interop`` extra (diffusers, transformers).
+normalisation, a VQGAN without Paella blocks) is a one-line error before anything is written. Needs the ``interop``
+extra (diffusers, transformers).
 """
 
 from __future__ import annotations
