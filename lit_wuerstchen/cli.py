@@ -21,6 +21,7 @@ from .data.precompute import add_arguments as add_precompute_arguments
 from .data.precompute import precompute
 from .errors import ConfigError, LitWuerstchenError, PreemptedError, show_tracebacks, user_error
 from .evaluation.report import main as evaluate_main
+from .interop.convert import main as convert_main
 from .runs import SaveRunConfig, check_image_sizes, prepare_fit
 from .sample import main_export, main_sample
 from .stages.base import Stage
@@ -39,7 +40,9 @@ training (Lightning; configs compose: -c base.yaml -c override.yaml, later wins)
 
 inference and tools:
   sample     text -> images from a Stage C checkpoint or exported pipeline (PNGs + samples.jsonl)
-  export     a Stage C checkpoint (+ its Stages B and A) -> self-contained safetensors pipeline folder
+  export     a Stage C checkpoint (+ its Stages B and A) -> self-contained safetensors pipeline folder, or
+             diffusers Würstchen folders (--format diffusers)
+  convert    released Würstchen v2 weights (diffusers folders or official .pt) -> our stage checkpoints
   evaluate   FID / CLIP score / shapes alignment of a 'sample' output folder -> JSON report
   data       dataset tools: 'data shapes' (synthetic captioned set), 'data folder' (your images -> shards),
              'data precompute' (a stage's frozen-model outputs, once, for faster training)
@@ -208,6 +211,7 @@ COMMANDS = {
     "data": _data_command,
     "sample": main_sample,
     "export": main_export,
+    "convert": convert_main,
     "evaluate": evaluate_main,
     "sweep": sweep_main,
 }

@@ -143,9 +143,17 @@ def build_export_parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Export a Stage C checkpoint (with its Stage B and Stage A) as a self-contained "
-        "pipeline folder: safetensors weights per part + pipeline.json. 'sample --ckpt FOLDER' accepts it.",
+        "pipeline folder: safetensors weights per part + pipeline.json ('sample --ckpt FOLDER' accepts it), or "
+        "with --format diffusers as diffusers Würstchen folders (OUT/prior, OUT/decoder; needs the interop extra).",
     )
-    parser.add_argument("--ckpt", required=True, help="Stage C checkpoint")
+    parser.add_argument("--ckpt", required=True, help="Stage C checkpoint (or an exported pipeline folder)")
+    parser.add_argument(
+        "--format",
+        choices=("lit_wuerstchen", "diffusers"),
+        default="lit_wuerstchen",
+        help="lit_wuerstchen: our pipeline folder; diffusers: WuerstchenPriorPipeline + WuerstchenDecoderPipeline "
+        "folders (a LoRA checkpoint is exported merged)",
+    )
     parser.add_argument("--stage_b_ckpt", help="override the Stage B checkpoint the Stage C run was trained with")
     parser.add_argument("--stage_a_ckpt", help="override the Stage A inside the Stage B checkpoint")
     parser.add_argument("--out", required=True, help="output folder")
@@ -155,6 +163,15 @@ def build_export_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    if args.format == "diffusers":
+        from .interop.export import export_diffusers
+
+        if Path(args.out).exists() and not args.overwrite:  # before the model is loaded
+            raise ValueError(f"{args.out} exists; pass --overwrite to replace it")
+        pipeline = load_pipeline(args.ckpt, args.stage_b_ckpt, args.stage_a_ckpt, use_ema=not args.no_ema)
+        out = export_diffusers(pipeline, args.out, overwrite=args.overwrite)
+        print(f"exported diffusers folders to {out}/prior and {out}/decoder")
+        return 0
     out = claim_output(args.out, args.overwrite)  # before the model is loaded
     pipeline = load_pipeline(args.ckpt, args.stage_b_ckpt, args.stage_a_ckpt, use_ema=not args.no_ema)
     out = save_pipeline(pipeline, out)

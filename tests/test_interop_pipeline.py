@@ -145,3 +145,57 @@ def test_our_export_round_trips_a_text_conditioned_decoder(tmp_path):
         a = pipeline.generate(PROMPTS[:1], SIZE, SIZE, generator=torch.Generator().manual_seed(1))
         b = loaded.generate(PROMPTS[:1], SIZE, SIZE, generator=torch.Generator().manual_seed(1))
     assert torch.equal(a, b)
+
+
+def test_round_trip_through_the_commands(exported, tmp_path, capsys):
+    """export --format diffusers, then convert A, B, C back (text encoders from the pipelines' transformers models):
+    the converted checkpoints sample the original pipeline's images."""
+    from lit_wuerstchen.cli import main
+
+    pipeline, _ = exported
+    ours = save_pipeline(pipeline, tmp_path / "ours")
+    out = tmp_path / "diffusers"
+    assert main(["export", "--ckpt", str(ours), "--format", "diffusers", "--out", str(out)]) == 0
+    ckpt = tmp_path / "v2"
+    assert main(["convert", "--stage", "A", "--source", str(out / "decoder"), "--out", str(ckpt / "a.ckpt")]) == 0
+    args = ["convert", "--stage", "B", "--source", str(out / "decoder"), "--out", str(ckpt / "b.ckpt")]
+    assert main(args + ["--stage_a", str(ckpt / "a.ckpt")]) == 0
+    args = ["convert", "--stage", "C", "--source", str(out / "prior"), "--out", str(ckpt / "c.ckpt")]
+    assert main(args + ["--stage_b", str(ckpt / "b.ckpt")]) == 0
+    printed = capsys.readouterr().out
+    assert "text encoder converted from" in printed and "randomly initialised" in printed
+
+    converted = load_pipeline(ckpt / "c.ckpt")
+    with torch.no_grad():
+        a = pipeline.generate(PROMPTS, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+        b = converted.generate(
+            PROMPTS,
+            SIZE,
+            SIZE,
+            prior_sampling=pipeline.config.prior_sampling,
+            decoder_sampling=pipeline.config.decoder_sampling,
+            generator=torch.Generator().manual_seed(3),
+        )
+    assert (a - b).abs().max().item() <= 1e-5
+
+    # one-line errors of the commands
+    assert main(["convert", "--stage", "C", "--source", str(out / "decoder"), "--out", str(ckpt / "x.ckpt"),
+                 "--stage_b", str(ckpt / "b.ckpt")]) == 2  # fmt: skip
+    assert "holds no WuerstchenPrior (Stage C); found:" in capsys.readouterr().err
+    assert main(["export", "--ckpt", str(ours), "--format", "diffusers", "--out", str(out)]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+
+
+def test_export_of_a_model_without_decoder_text_is_refused(tmp_path, capsys):
+    import dataclasses
+
+    from lit_wuerstchen.cli import main
+
+    pipeline = tiny_pipeline()
+    decoder = DiffNeXt(dataclasses.replace(pipeline.decoder.config, text_channels=0, heads=[0, 0]))
+    config = dataclasses.replace(pipeline.config, decoder=decoder.config, decoder_text_encoder=None)
+    untexted = WuerstchenPipeline(pipeline.text_encoder, pipeline.prior, decoder, pipeline.stage_a, config)
+    ours = save_pipeline(untexted, tmp_path / "ours")
+    assert main(["export", "--ckpt", str(ours), "--format", "diffusers", "--out", str(tmp_path / "d")]) == 2
+    assert "decoder is text-conditioned" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()

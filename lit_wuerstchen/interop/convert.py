@@ -20,9 +20,11 @@ What each stage needs besides its own weights:
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ import torch
 
 from ..checkpoints import RECORD, read_checkpoint, read_stage_checkpoint, read_state_dict, stage_record
 from ..diffusion import DiffusionConfig, SamplingConfig, decoder_sampling, prior_sampling
+from ..errors import LitWuerstchenError
 from ..models.compressor import CompressorConfig, SemanticCompressor
 from ..models.diffnext import DiffNeXt
 from ..models.prior import Prior
@@ -194,7 +197,14 @@ def _compressor(effnet: dict | None, source: str) -> tuple[CompressorConfig, dic
     return config, rename(renamed, {k: k for k in renamed}, expected, source, "compressor"), True
 
 
-def convert_stage_b(config: dict, state: dict, source: str, stage_a: dict, effnet: dict | None) -> tuple[dict, bool]:
+def convert_stage_b(
+    config: dict,
+    state: dict,
+    source: str,
+    stage_a: dict,
+    effnet: dict | None,
+    text_encoder: TextEncoderConfig = DECODER_TEXT_ENCODER,
+) -> tuple[dict, bool]:
     decoder_config = decoder_config_from_diffusers(config)
     weights = _ours(state, decoder_key_map(decoder_config), DiffNeXt, decoder_config, source, "Stage B decoder")
     compressor_config, compressor_state, has_effnet = _compressor(effnet, source)
@@ -213,21 +223,30 @@ def convert_stage_b(config: dict, state: dict, source: str, stage_a: dict, effne
         stage_a=stage_a_record["vqgan"],
         diffusion=DiffusionConfig(),
         sampling=decoder_sampling(),
-        text_encoder=DECODER_TEXT_ENCODER,
+        text_encoder=text_encoder,
     )
     return checkpoint, has_effnet
 
 
-def convert_stage_c(config: dict, state: dict, source: str, stage_b_checkpoint: str) -> dict:
+def convert_stage_c(
+    config: dict,
+    state: dict,
+    source: str,
+    stage_b_checkpoint: str,
+    text_encoder: TextEncoderConfig | None = None,
+    latent_scaling: tuple[float, float] = (RELEASED_LATENT_STD, -RELEASED_LATENT_MEAN),
+) -> dict:
+    """``latent_scaling``: the prior pipeline's ``(latent_mean, latent_std)`` config, which diffusers applies as
+    ``latents * latent_mean - latent_std`` (ours: ``x * std + mean``)."""
     prior_config = prior_config_from_diffusers(config)
     weights = _ours(state, prior_key_map(prior_config), Prior, prior_config, source, "Stage C prior")
     channels = prior_config.latent_channels
     state_dict = {f"prior.{k}": v for k, v in weights.items()}
-    state_dict["latent_mean"] = torch.full((channels,), RELEASED_LATENT_MEAN)
-    state_dict["latent_std"] = torch.full((channels,), RELEASED_LATENT_STD)
+    state_dict["latent_mean"] = torch.full((channels,), -float(latent_scaling[1]))
+    state_dict["latent_std"] = torch.full((channels,), float(latent_scaling[0]))
     state_dict["normalization_ready"] = torch.tensor(True)
-    text = dataclasses.replace(PRIOR_TEXT_ENCODER)
-    if prior_config.text_channels != 1280:  # v1 / paper priors read CLIP ViT-H-14 (1024)
+    text = text_encoder or dataclasses.replace(PRIOR_TEXT_ENCODER)
+    if text_encoder is None and prior_config.text_channels != 1280:  # v1 / paper priors read ViT-H-14 (1024)
         text = dataclasses.replace(DECODER_TEXT_ENCODER)
     return _checkpoint(
         "C",
@@ -241,6 +260,24 @@ def convert_stage_c(config: dict, state: dict, source: str, stage_b_checkpoint: 
         decoder_sampling=SamplingConfig(steps=12),
         image_size=[1024, 1024],
     )
+
+
+def _pipeline_text_encoder(model_folder: Path, out: Path, notes: list[str]) -> TextEncoderConfig | None:
+    """The text encoder of the diffusers pipeline a model folder belongs to (its ``text_encoder/``, a transformers
+    CLIP text model), converted to open_clip weights saved beside the checkpoint (``<out>.text_encoder/``); None
+    when the folder is not in a pipeline (the released open_clip tag is used then)."""
+    folder = model_folder.parent / "text_encoder"
+    if not (folder / "config.json").is_file():
+        return None
+    try:
+        from .clip_text import from_transformers
+
+        encoder = from_transformers(folder, out_dir=out.with_name(out.name + ".text_encoder").resolve())
+    except ImportError as error:
+        notes.append(f"the pipeline's text encoder was not converted ({error}); using the open_clip release instead")
+        return None
+    notes.append(f"text encoder converted from {folder} to {encoder.config.weights_file}")
+    return encoder.config
 
 
 def convert(
@@ -260,6 +297,10 @@ def convert(
     source, out = Path(source), Path(out)
     if out.exists() and not overwrite:
         raise InteropError(f"{out} exists; pass --overwrite to replace it")
+    if stage == "C" and stage_b is None:
+        raise InteropError("converting Stage C needs the converted Stage B checkpoint it decodes with: --stage_b")
+    if stage == "B" and stage_a is None and not source.is_dir():
+        raise InteropError("converting Stage B needs its Stage A: pass --stage_a (a converted Stage A checkpoint)")
     notes: list[str] = []
     effnet_state = None
     if source.is_dir():
@@ -277,6 +318,10 @@ def convert(
         effnet_checkpoint = read_checkpoint(effnet)
         effnet_state = effnet_checkpoint.get("effnet_state_dict", effnet_checkpoint)
 
+    text_encoder = None
+    if stage in "BC" and source.is_dir():
+        text_encoder = _pipeline_text_encoder(folder, out, notes)
+
     if stage == "A":
         result = convert_stage_a(config, state, label)
     elif stage == "B":
@@ -287,7 +332,9 @@ def convert(
             stage_a_checkpoint = convert_stage_a(vq_config, vq_state, label)
         else:
             raise InteropError("converting Stage B needs its Stage A: pass --stage_a (a converted Stage A checkpoint)")
-        result, has_effnet = convert_stage_b(config, state, label, stage_a_checkpoint, effnet_state)
+        result, has_effnet = convert_stage_b(
+            config, state, label, stage_a_checkpoint, effnet_state, text_encoder or DECODER_TEXT_ENCODER
+        )
         if not has_effnet:
             notes.append(
                 "the semantic compressor is randomly initialised (no effnet_state_dict given: pass --effnet "
@@ -297,10 +344,52 @@ def convert(
         if stage_b is None:
             raise InteropError("converting Stage C needs the converted Stage B checkpoint it decodes with: --stage_b")
         read_stage_checkpoint(stage_b, "B", needed_by="converting Stage C")
-        result = convert_stage_c(config, state, label, str(Path(stage_b).resolve()))
+        scaling = (RELEASED_LATENT_STD, -RELEASED_LATENT_MEAN)
+        index = folder.parent / "model_index.json" if source.is_dir() else None
+        if index is not None and index.is_file():  # a prior pipeline folder says how it scales its latents
+            pipeline_config = _read_json(index)
+            scaling = (pipeline_config.get("latent_mean", scaling[0]), pipeline_config.get("latent_std", scaling[1]))
+        result = convert_stage_c(config, state, label, str(Path(stage_b).resolve()), text_encoder, scaling)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".tmp")
     torch.save(result, partial)
     os.replace(partial, out)  # atomic: an interrupted conversion leaves no half-written checkpoint
     return out, notes
+
+
+# --- the command ----------------------------------------------------------------------------------------------------
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Convert released Würstchen v2 weights into a lit_wuerstchen stage checkpoint: a diffusers model "
+        "or pipeline folder (warp-ai/wuerstchen-prior, warp-ai/wuerstchen, or one of their model subfolders) or an "
+        "official .pt (model_v2_stage_c.pt, model_v2_stage_b.pt, vqgan_f4_v1_500k.pt). Convert A, then B, then C.",
+    )
+    parser.add_argument("--stage", required=True, choices=("A", "B", "C", "a", "b", "c"), help="which stage")
+    parser.add_argument("--source", required=True, help="diffusers folder or official .pt file")
+    parser.add_argument("--out", required=True, help="the checkpoint to write (e.g. checkpoints/v2/stage_c.ckpt)")
+    parser.add_argument("--stage_a", help="Stage B: the converted Stage A (default: the vqgan of a pipeline folder)")
+    parser.add_argument("--stage_b", help="Stage C: the converted Stage B checkpoint it decodes with")
+    parser.add_argument(
+        "--effnet",
+        help="Stage B: the official model_v2_stage_b.pt holding effnet_state_dict (the semantic compressor; "
+        "diffusers folders do not ship it)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    return parser
+
+
+def main(argv: list[str], prog: str = "python -m lit_wuerstchen convert") -> int:
+    args = build_parser(prog).parse_args(argv)
+    try:
+        out, notes = convert(
+            args.source, args.stage, args.out, args.stage_a, args.stage_b, args.effnet, overwrite=args.overwrite
+        )
+    except (FileNotFoundError, ValueError, LitWuerstchenError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"converted Stage {args.stage.upper()} from {args.source} to {out}")
+    for note in notes:
+        print(f"note: {note}")
+    return 0
