@@ -27,6 +27,8 @@ from lit_wuerstchen.models import (  # noqa: E402
 PROMPTS = ["a red circle on a blue background", "Two small GREEN squares, top left!"]
 PRIOR_T = [1.0, 0.8, 0.6, 0.35, 0.15, 0.0]
 DECODER_T = [1.0, 0.66, 0.33, 0.0]
+PRIOR_SAMPLING = SamplingConfig(t_list=PRIOR_T, guidance_scale=4.0)
+DECODER_SAMPLING = SamplingConfig(t_list=DECODER_T, guidance_scale=2.0)
 SIZE = 128  # semantic ceil(128 / 42.67) = 3; Stage B latent int(3 * 10.67) = 32 = 128 / 4 in both frameworks
 
 
@@ -81,8 +83,8 @@ def tiny_pipeline() -> WuerstchenPipeline:
         compression=42.67,
         latent_mean=[-1.0] * 16,
         latent_std=[42.0] * 16,
-        prior_sampling=SamplingConfig(t_list=PRIOR_T, guidance_scale=4.0),
-        decoder_sampling=SamplingConfig(t_list=DECODER_T, guidance_scale=2.0),
+        prior_sampling=PRIOR_SAMPLING,
+        decoder_sampling=DECODER_SAMPLING,
         decoder_text_encoder=text_config,
         semantic_rounding="ceil",
     )
@@ -199,3 +201,58 @@ def test_export_of_a_model_without_decoder_text_is_refused(tmp_path, capsys):
     assert main(["export", "--ckpt", str(ours), "--format", "diffusers", "--out", str(tmp_path / "d")]) == 2
     assert "decoder is text-conditioned" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+def test_fine_tune_a_converted_release_with_lora_and_sample_it_in_diffusers(exported, shapes_dir, in_tmp_cwd):
+    """The README's path at toy size: released weights (here: our tiny export) -> convert -> LoRA fine-tune with
+    experiments/finetune/stage_c_from_v2.yaml -> export --format diffusers -> diffusers samples what we sample."""
+    from conftest import toy_data_args
+
+    from lit_wuerstchen.cli import main
+
+    _, out = exported
+    v2 = in_tmp_cwd / "checkpoints" / "v2"
+    assert main(["convert", "--stage", "A", "--source", str(out / "decoder"), "--out", str(v2 / "stage_a.ckpt")]) == 0
+    assert main(["convert", "--stage", "B", "--source", str(out / "decoder"), "--out", str(v2 / "stage_b.ckpt")]) == 0
+    args = ["convert", "--stage", "C", "--source", str(out / "prior"), "--out", str(v2 / "stage_c.ckpt")]
+    assert main(args + ["--stage_b", str(v2 / "stage_b.ckpt")]) == 0
+    main(
+        [
+            "fit",
+            "-c",
+            "experiments/finetune/stage_c_from_v2.yaml",
+            "--trainer.max_steps=3",
+            "--trainer.val_check_interval=3",
+            "--trainer.limit_val_batches=1",
+            "--trainer.precision=32",
+            "--trainer.logger.init_args.version=lora",
+            "--model.init_args.lora.rank=2",
+            "--model.init_args.validation_sampling.t_list=[1.0,0.5,0.0]",
+            "--model.init_args.decoder_sampling.steps=2",
+            *toy_data_args(shapes_dir),
+        ]
+    )
+    lora = in_tmp_cwd / "outputs" / "finetune_stage_c" / "lora" / "checkpoints" / "last.ckpt"
+    base_prior = load_pipeline(v2 / "stage_c.ckpt").prior
+    ours = load_pipeline(lora)
+    changed = [n for n, p in ours.prior.state_dict().items() if not torch.equal(p, base_prior.state_dict()[n])]
+    assert changed  # the adapters moved the merged prior
+    assert main(["export", "--ckpt", str(lora), "--format", "diffusers", "--out", "finetuned"]) == 0
+    combined = load_diffusers_pipeline("finetuned")
+    combined.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        a = ours.generate(
+            PROMPTS[:1], SIZE, SIZE, PRIOR_SAMPLING, DECODER_SAMPLING, generator=torch.Generator().manual_seed(4)
+        )
+        b = combined(
+            PROMPTS[0],
+            height=SIZE,
+            width=SIZE,
+            prior_timesteps=PRIOR_T,
+            prior_guidance_scale=4.0,
+            decoder_timesteps=DECODER_T,
+            decoder_guidance_scale=2.0,
+            generator=torch.Generator().manual_seed(4),
+            output_type="pt",
+        ).images
+    assert (a - b).abs().max().item() <= 1e-4

@@ -41,7 +41,8 @@ class StageB(DiffusionStage):
             decoder tolerates imperfect Stage C outputs.
         validation_sampling: sampler, steps and guidance of the full decode run at validation.
         text_encoder: the frozen text encoder of a text-conditioned decoder (``network.text_channels > 0``; the
-            released v2 decoder reads CLIP ViT-H-14 hidden states); None without text conditioning.
+            released v2 decoder reads CLIP ViT-H-14 hidden states); None without text conditioning, or with an
+            ``init_checkpoint``, the text encoder recorded there.
         caption_drop_prob: captions replaced by "" in training (the unconditional prompt of guidance).
         init_checkpoint: a Stage B checkpoint whose decoder and compressor (EMA weights when present) this run
             starts from (fine-tuning; not a resume: fresh optimiser, step 0). A ``network`` / ``compressor`` given
@@ -79,6 +80,10 @@ class StageB(DiffusionStage):
         init = None
         if init_checkpoint is not None:
             init = load_stage_b_networks(init_checkpoint, needed_by="init_checkpoint")  # (decoder, compressor)
+            if text_encoder is None:  # the text encoder the init decoder was trained (or converted) with
+                text_encoder = read_stage_checkpoint(init_checkpoint, "B", needed_by="init_checkpoint")[1].get(
+                    "text_encoder"
+                )
             network = network_from_init(network, init[0].config, init_checkpoint, "network")
             compressor = network_from_init(
                 compressor, init[1].config, init_checkpoint, "compressor", ignore=("pretrained",)

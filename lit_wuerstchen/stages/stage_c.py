@@ -31,6 +31,8 @@ class StageC(DiffusionStage):
         network: the prior; ``network.latent_channels`` must match the compressor's and ``network.text_channels``
             the text encoder's width. None: the ``init_checkpoint``'s prior when one is given, else the defaults
             (the released v2 sizes).
+        text_encoder: the frozen text encoder. None: the ``init_checkpoint``'s when one is given (a converted
+            release names the text model converted with it), else the defaults (CLIP ViT-bigG-14).
         latent_normalization: how semantic latents are scaled for the prior: "v2" (``(x + 1) / 42``, the released
             model) or "measured" (per-channel mean/std over ``normalization_batches`` training batches, measured
             once at the start of training and stored in the checkpoint).
@@ -49,7 +51,7 @@ class StageC(DiffusionStage):
         self,
         stage_b_checkpoint: str,
         network: PriorConfig | None = None,
-        text_encoder: TextEncoderConfig = TextEncoderConfig(),
+        text_encoder: TextEncoderConfig | None = None,
         diffusion: DiffusionConfig = DiffusionConfig(),
         optimizer: OptimizerConfig = OptimizerConfig(lr=1e-4, warmup_steps=10_000),
         caption_drop_prob: float = 0.05,
@@ -67,11 +69,14 @@ class StageC(DiffusionStage):
         network = as_dataclass(PriorConfig, network)
         init_prior = init_state = None
         if init_checkpoint is not None:
-            init_state = read_stage_checkpoint(init_checkpoint, "C", needed_by="init_checkpoint")[0]["state_dict"]
+            init, init_record = read_stage_checkpoint(init_checkpoint, "C", needed_by="init_checkpoint")
+            init_state = init["state_dict"]
+            if text_encoder is None:  # the text encoder the init prior was trained (or converted) with
+                text_encoder = init_record.get("text_encoder")
             init_prior = load_prior(init_checkpoint, needed_by="init_checkpoint")
             network = network_from_init(network, init_prior.config, init_checkpoint, "network")
         network = network or PriorConfig()
-        self.text_encoder_config = as_dataclass(TextEncoderConfig, text_encoder)
+        self.text_encoder_config = as_dataclass(TextEncoderConfig, text_encoder or TextEncoderConfig())
         self.optimizer_config = as_dataclass(OptimizerConfig, optimizer)
         self.decoder_sampling_config = as_dataclass(SamplingConfig, decoder_sampling)
         self.store_plain_hparams(
