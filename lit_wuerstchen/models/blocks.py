@@ -32,7 +32,8 @@ class GlobalResponseNorm(nn.Module):
         # 0.9 ms forward + backward on a toy prior's block); the clamp keeps the gradient finite for a zero channel.
         spatial_norm = x.float().pow(2).sum(dim=(1, 2), keepdim=True).clamp_min(1e-24).sqrt().to(x.dtype)
         relative = spatial_norm / (spatial_norm.mean(dim=-1, keepdim=True) + 1e-6)
-        return self.gamma * (x * relative) + self.beta + x
+        # x * (1 + gamma * relative) + beta: one pass over the (4c-wide) activation instead of four.
+        return torch.addcmul(self.beta, x, 1 + self.gamma * relative)
 
 
 class ResBlock(nn.Module):
@@ -73,7 +74,8 @@ class ResBlock(nn.Module):
         h = self.mlp(h.permute(0, 2, 3, 1))
         if self.gamma is not None:
             h = h * self.gamma
-        return x + h.permute(0, 3, 1, 2)
+        # The branch first: the sum takes its channels-last layout, so the next block's norm permutes without a copy.
+        return h.permute(0, 3, 1, 2) + x
 
 
 class TimestepBlock(nn.Module):

@@ -325,7 +325,8 @@ class DiffNeXt(nn.Module):
                 resized = F.interpolate(
                     semantic.float(), size=size, mode="bicubic", align_corners=align, antialias=True
                 )
-            resized = resized.to(dtype)
+            # Channels-last like the activations, so the ResBlocks' concatenation feeds their MLP without a copy.
+            resized = resized.to(dtype, memory_format=torch.channels_last)
             down, up = self._mapper_keys(i)
             maps["down", i] = self.semantic_mappers[down](resized)
             maps["up", i] = maps["down", i] if up == down else self.semantic_mappers[up](resized)
