@@ -8,6 +8,8 @@ import torch
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
+from test_interop import randomise as randomise_all  # noqa: E402
+
 from lit_wuerstchen.checkpoints import load_pipeline, save_pipeline  # noqa: E402
 from lit_wuerstchen.diffusion import SamplingConfig  # noqa: E402
 from lit_wuerstchen.generation import PipelineConfig, WuerstchenPipeline  # noqa: E402
@@ -34,22 +36,31 @@ SIZE = 128  # semantic ceil(128 / 42.67) = 3; Stage B latent int(3 * 10.67) = 32
 
 @torch.no_grad()
 def randomise(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    generator = torch.Generator().manual_seed(seed)
+    """test_interop's random weights; the decoder's semantic projections scaled down besides: a random prior's
+    samples are ~85 after the released * 42 - 1, and projections sized for them keep this random decoder in the regime
+    a trained one works in (not amplifying float rounding)."""
+    randomise_all(module, seed)
     for name, tensor in module.state_dict().items():
-        if not tensor.is_floating_point():
-            continue
-        if name.startswith("out.1.") or name.startswith("out.1"):
-            tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.01)  # the prior divides by |1 - b|
-        elif name.startswith("semantic_mappers."):
-            # a random prior's samples are ~85 after the released * 42 - 1: projections sized for them keep this
-            # random decoder in the regime a trained one works in (not amplifying float rounding)
-            tensor.copy_(torch.randn(tensor.shape, generator=generator) / 42 / tensor[0].numel() ** 0.5)
-        elif name.endswith("running_var"):
-            tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
-        else:
-            fan_in = tensor[0].numel() if tensor.ndim > 1 else 4
-            tensor.copy_(torch.randn(tensor.shape, generator=generator) / fan_in**0.5)
-    return module.eval()
+        if name.startswith("semantic_mappers."):
+            tensor.div_(42)
+    return module
+
+
+def diffusers_image(combined, prompt: str, seed: int) -> torch.Tensor:
+    """diffusers' combined pipeline with the test's t lists and guidance (one prompt: its decoder pipeline mis-sizes
+    the text batch for more, diffusers 0.42)."""
+    with torch.no_grad():
+        return combined(
+            prompt,
+            height=SIZE,
+            width=SIZE,
+            prior_timesteps=PRIOR_T,
+            prior_guidance_scale=4.0,
+            decoder_timesteps=DECODER_T,
+            decoder_guidance_scale=2.0,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="pt",
+        ).images
 
 
 def tiny_pipeline() -> WuerstchenPipeline:
@@ -102,22 +113,10 @@ def test_whole_pipeline_matches_diffusers_combined(exported):
     pipeline, out = exported
     combined = load_diffusers_pipeline(out)
     combined.set_progress_bar_config(disable=True)
-    # One prompt per call: diffusers' decoder pipeline repeats the prompt embeddings once per image embedding, so it
-    # mis-sizes the text batch for more than one prompt (diffusers 0.42).
     for seed, prompt in enumerate(PROMPTS):
         with torch.no_grad():
             ours = pipeline.generate([prompt], SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
-            theirs = combined(
-                prompt,
-                height=SIZE,
-                width=SIZE,
-                prior_timesteps=PRIOR_T,
-                prior_guidance_scale=4.0,
-                decoder_timesteps=DECODER_T,
-                decoder_guidance_scale=2.0,
-                generator=torch.Generator().manual_seed(seed),
-                output_type="pt",
-            ).images
+        theirs = diffusers_image(combined, prompt, seed)
         assert ours.shape == theirs.shape == (1, 3, SIZE, SIZE)
         assert 0.05 < ours.std().item()  # a real image, not a constant that would match anything
         assert (ours - theirs).abs().max().item() <= 1e-4
@@ -244,15 +243,5 @@ def test_fine_tune_a_converted_release_with_lora_and_sample_it_in_diffusers(expo
         a = ours.generate(
             PROMPTS[:1], SIZE, SIZE, PRIOR_SAMPLING, DECODER_SAMPLING, generator=torch.Generator().manual_seed(4)
         )
-        b = combined(
-            PROMPTS[0],
-            height=SIZE,
-            width=SIZE,
-            prior_timesteps=PRIOR_T,
-            prior_guidance_scale=4.0,
-            decoder_timesteps=DECODER_T,
-            decoder_guidance_scale=2.0,
-            generator=torch.Generator().manual_seed(4),
-            output_type="pt",
-        ).images
+    b = diffusers_image(combined, PROMPTS[0], 4)
     assert (a - b).abs().max().item() <= 1e-4
