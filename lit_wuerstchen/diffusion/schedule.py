@@ -50,8 +50,11 @@ class CosineSchedule:
         self.logsnr_shift = float(logsnr_shift)
         # float32 maths in the released sampler's order of operations (diffusers' DDPMWuerstchenScheduler): the
         # same alpha_bar to the last bit, so sampling a converted model does not drift.
-        self._s = torch.tensor([self.s], dtype=torch.float32)
-        self._norm = torch.cos(self._s / (1 + self._s) * math.pi * 0.5) ** 2
+        # Kept as Python numbers holding float32 values (a scalar operand of a float32 tensor op is used at float32,
+        # so the results are the same bits) rather than tensors: no host-to-device copy per call on the hot path.
+        s32 = torch.tensor(self.s, dtype=torch.float32)
+        self._s, self._one_plus_s = float(s32), float(1 + s32)
+        self._norm = float(torch.cos(s32 / (1 + s32) * math.pi * 0.5) ** 2)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(s={self.s}, clamp_range={self.clamp_range}, logsnr_shift={self.logsnr_shift})"
@@ -63,8 +66,7 @@ class CosineSchedule:
     def alpha_bar(self, t: Tensor | float) -> Tensor:
         """alpha_bar(t) in float32, same shape as ``t``."""
         t = self._as_t(t)
-        s = self._s.to(t.device)
-        abar = torch.cos((t + s) / (1 + s) * math.pi * 0.5) ** 2 / self._norm.to(t.device)
+        abar = torch.cos((t + self._s) / self._one_plus_s * math.pi * 0.5) ** 2 / self._norm
         if self.logsnr_shift != 1.0:
             # Unclamped logSNR of the plain schedule (guarded against 0/1), then shifted.
             a = abar.clamp(1e-12, 1 - 1e-7)
