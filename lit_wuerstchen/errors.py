@@ -8,6 +8,8 @@ instead.
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Callable
 
 
 class LitWuerstchenError(Exception):
@@ -52,3 +54,13 @@ def user_error(error: BaseException | None) -> LitWuerstchenError | None:
 def show_tracebacks() -> bool:
     """``LIT_WUERSTCHEN_TRACEBACK=1``: let errors propagate with their full traceback."""
     return os.environ.get("LIT_WUERSTCHEN_TRACEBACK", "").strip().lower() in {"1", "true", "yes"}
+
+
+def guarded(command: Callable[[object], int], args: object) -> int:
+    """Run a command (sample, export, convert): missing or wrong checkpoints and files end with a one-line error and
+    exit status 2, not a traceback."""
+    try:
+        return command(args)
+    except (FileNotFoundError, ValueError, LitWuerstchenError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2

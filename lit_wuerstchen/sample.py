@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .checkpoints import load_pipeline, save_pipeline
 from .data.prompts import read_prompts
 from .diffusion import SamplingConfig
-from .errors import LitWuerstchenError
+from .errors import guarded
 from .generation import check_image_size
 from .runs import claim_output
 
@@ -180,17 +180,8 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def main_sample(argv: list[str], prog: str = "python -m lit_wuerstchen sample") -> int:
-    return _guarded(run_sample, build_sample_parser(prog).parse_args(argv))
+    return guarded(run_sample, build_sample_parser(prog).parse_args(argv))
 
 
 def main_export(argv: list[str], prog: str = "python -m lit_wuerstchen export") -> int:
-    return _guarded(run_export, build_export_parser(prog).parse_args(argv))
-
-
-def _guarded(command, args: argparse.Namespace) -> int:
-    """Missing or wrong checkpoints and files end with a one-line error, not a traceback."""
-    try:
-        return command(args)
-    except (FileNotFoundError, ValueError, LitWuerstchenError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return guarded(run_export, build_export_parser(prog).parse_args(argv))

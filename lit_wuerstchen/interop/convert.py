@@ -24,7 +24,6 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ import torch
 
 from ..checkpoints import RECORD, read_checkpoint, read_stage_checkpoint, read_state_dict, stage_record
 from ..diffusion import DiffusionConfig, SamplingConfig, decoder_sampling, prior_sampling
-from ..errors import LitWuerstchenError
+from ..errors import guarded
 from ..models.compressor import CompressorConfig, SemanticCompressor
 from ..models.diffnext import DiffNeXt
 from ..models.prior import Prior
@@ -380,16 +379,15 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str], prog: str = "python -m lit_wuerstchen convert") -> int:
-    args = build_parser(prog).parse_args(argv)
-    try:
-        out, notes = convert(
-            args.source, args.stage, args.out, args.stage_a, args.stage_b, args.effnet, overwrite=args.overwrite
-        )
-    except (FileNotFoundError, ValueError, LitWuerstchenError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+def run_convert(args: argparse.Namespace) -> int:
+    out, notes = convert(
+        args.source, args.stage, args.out, args.stage_a, args.stage_b, args.effnet, overwrite=args.overwrite
+    )
     print(f"converted Stage {args.stage.upper()} from {args.source} to {out}")
     for note in notes:
         print(f"note: {note}")
     return 0
+
+
+def main(argv: list[str], prog: str = "python -m lit_wuerstchen convert") -> int:
+    return guarded(run_convert, build_parser(prog).parse_args(argv))
