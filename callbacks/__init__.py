@@ -1,11 +1,12 @@
 """Lightning callbacks of lit_wuerstchen (installed as ``lit_wuerstchen.callbacks``): EMA of the trained networks,
-image logging, how a run ends (finished, preempted, crashed), evaluation (FID, CLIP score, shapes alignment) and the
-prediction writer."""
+image logging, how a run ends (finished, preempted, crashed), evaluation (FID, CLIP score, shapes alignment),
+performance monitoring (``perf/``: throughput, TFLOP/s and MFU, peak memory, data wait) and the prediction writer."""
 
 from .ema import EMA
 from .evaluation import CLIPScoreEvaluation, FIDEvaluation
 from .image_logger import ImageLogger
 from .lifecycle import RunLifecycle
+from .perf import PerfMonitor
 from .sample_writer import SampleWriter
 from .shapes_alignment import ShapesAlignmentEvaluation
 
@@ -14,6 +15,7 @@ __all__ = [
     "CLIPScoreEvaluation",
     "FIDEvaluation",
     "ImageLogger",
+    "PerfMonitor",
     "RunLifecycle",
     "SampleWriter",
     "ShapesAlignmentEvaluation",

@@ -3,7 +3,9 @@
 
 The averaged tensors are stored in the checkpoint under ``ema_state_dict``, with the same keys as in ``state_dict``
 (``decoder.…``, ``prior.…``), where :mod:`lit_wuerstchen.checkpoints` reads them. They are swapped in for validation,
-testing, prediction and the evaluation callbacks. Not supported under FSDP yet (it reads full weights).
+testing, prediction and the evaluation callbacks. Under FSDP (:class:`lit_wuerstchen.strategies.FSDP`) the weights
+are sharded tensors and so are the averages: each rank averages its own shards, and the strategy saves them sharded
+beside the weights.
 
 Not Lightning's ``EMAWeightAveraging``: it deep-copies the whole LightningModule (frozen encoders and metrics: for
 Stage C with ViT-bigG another 0.7B parameters in memory), swaps the average in for validation only, and replaces
@@ -13,8 +15,10 @@ Stage C with ViT-bigG another 0.7B parameters in memory), swaps the average in f
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
+from torch.distributed.utils import _sync_params_and_buffers
 
 
 class EMA(Callback):
@@ -65,9 +69,7 @@ class EMA(Callback):
             if self._loaded is not None:
                 if self._loaded.keys() != state.keys():
                     raise ValueError("the checkpoint's EMA weights do not match the network (different config?)")
-                self._averages = {
-                    k: v.to(device=state[k].device, dtype=state[k].dtype).clone() for k, v in self._loaded.items()
-                }
+                self._averages = {k: _like(v, state[k]) for k, v in self._loaded.items()}
                 self._loaded = None
             else:
                 self._averages = {k: v.detach().clone() for k, v in state.items()}
@@ -86,16 +88,39 @@ class EMA(Callback):
         state = self._state(pl_module)
         weight = 1.0 if step < self.start_step else 1.0 - self.decay
         floating = [k for k in averages if averages[k].is_floating_point()]
-        torch._foreach_lerp_([averages[k] for k in floating], [state[k].detach() for k in floating], weight)
+        # one fused call per kind: sharded parameters (FSDP) and plain tensors (buffers, or everything unsharded)
+        for group in (
+            [k for k in floating if _is_sharded(averages[k])],
+            [k for k in floating if not _is_sharded(averages[k])],
+        ):
+            if group:
+                torch._foreach_lerp_([averages[k] for k in group], [state[k].detach() for k in group], weight)
         for key in averages.keys() - set(floating):  # integer buffers (BatchNorm's num_batches_tracked)
             averages[key].copy_(state[key])
 
     # --- swapping the average in for evaluation ---------------------------------------------------------
     @torch.no_grad()
+    def _sync_buffers(self, pl_module: LightningModule) -> None:
+        """Give every rank rank 0's averages of the networks' floating buffers (BatchNorm statistics): parameters are
+        equal on all ranks (DDP) or sharded (FSDP), but each rank's buffers move with its own batches, so their
+        averages drift apart. Called before the averages are used or saved."""
+        if self._averages is None or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return
+        buffers = [
+            self._averages[key]
+            for name, network in self._networks(pl_module).items()
+            for key in (f"{name}.{buffer}" for buffer, _ in network.named_buffers())
+            if key in self._averages and self._averages[key].is_floating_point()
+        ]
+        if buffers:
+            _sync_params_and_buffers(dist.group.WORLD, buffers, 250 * 1024 * 1024, 0)
+
+    @torch.no_grad()
     def _swap_in(self, pl_module: LightningModule) -> None:
         if self._backup is not None:
             return
         averages = self._ensure_averages(pl_module)
+        self._sync_buffers(pl_module)
         self._backup = {k: v.detach().clone() for k, v in self._state(pl_module).items()}
         self._load(pl_module, averages)
 
@@ -119,11 +144,12 @@ class EMA(Callback):
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
         if self._averages is None and self._loaded is None:
             return
+        self._sync_buffers(pl_module)
         averages = self._averages if self._averages is not None else self._loaded
-        checkpoint["ema_state_dict"] = {k: v.detach().cpu().clone() for k, v in averages.items()}
+        checkpoint["ema_state_dict"] = {k: _for_checkpoint(v) for k, v in averages.items()}
         if self._backup is not None:
             # Saved while the average is swapped in: the model's own entries must hold the trained weights.
-            checkpoint["state_dict"].update({k: v.cpu().clone() for k, v in self._backup.items()})
+            checkpoint["state_dict"].update({k: _for_checkpoint(v) for k, v in self._backup.items()})
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
         if "ema_state_dict" in checkpoint:
@@ -132,3 +158,25 @@ class EMA(Callback):
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "start_step": self.start_step, "update_every": self.update_every}
+
+
+def _is_sharded(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def _like(value: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A copy of ``value`` laid out as ``weight``: its device and dtype, and its shards under FSDP (a checkpoint
+    written unsharded, e.g. by a DDP run, is split like the weights when an FSDP run resumes it)."""
+    if _is_sharded(weight) and not _is_sharded(value):
+        from torch.distributed.tensor import distribute_tensor
+
+        value = value.to(device=weight.device, dtype=weight.dtype)
+        return distribute_tensor(value, weight.device_mesh, weight.placements)
+    return value.to(device=weight.device, dtype=weight.dtype).clone()
+
+
+def _for_checkpoint(value: torch.Tensor) -> torch.Tensor:
+    """A detached copy to save: on the host, or a sharded tensor as it is (the FSDP strategy writes its shards)."""
+    return value.detach().clone() if _is_sharded(value) else value.detach().cpu().clone()

@@ -15,8 +15,8 @@ Logging: at the end of ``validate`` through ``pl_module.log`` (epoch-level, retu
 during training directly to ``trainer.loggers`` at ``trainer.global_step`` (so ``log_every_n_steps`` cannot drop
 it) and into ``trainer.callback_metrics`` (visible to ModelCheckpoint monitors and the progress bar).
 
-Caveat: generation must not issue collectives with a rank-dependent count (plain DDP is fine: the network is
-called outside the DDP wrapper; FSDP with uneven validation shards is not supported, as for EMA).
+Under FSDP (sharded networks: every forward pass is a collective) all ranks generate the same number of batches: a
+rank whose share is done repeats its last batch, discarding the images, until every rank is done.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from tqdm.auto import tqdm
 
 from lit_wuerstchen.evaluation import features as metric_features
+from lit_wuerstchen.strategies import is_sharded
 
 from .ema import EMA
 
@@ -173,6 +174,20 @@ class GenerativeEvaluation(Callback):
         world, rank = trainer.world_size, trainer.global_rank
         return self.num_images // world + (rank < self.num_images % world)
 
+    def _local_batches(self, loader, wanted: int, device: torch.device):
+        """This rank's batches for generation (sliced to ``batch_size`` and to its ``wanted`` images), on device."""
+        empty = loader is None or (isinstance(loader, (list, tuple)) and not loader)  # no bool(): no __len__
+        done = 0
+        for full in [] if empty else loader:
+            n = _batch_len(full)
+            step = self.batch_size or n
+            for start in range(0, n, step):
+                take = min(step, n - start, wanted - done)
+                if take <= 0:
+                    return
+                yield _to_device(_slice_batch(full, start, start + take), device)
+                done += take
+
     def _generate(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, torch.Tensor]:
         device = pl_module.device
         generator = torch.Generator(device=device).manual_seed(self.seed + trainer.global_rank)
@@ -180,31 +195,40 @@ class GenerativeEvaluation(Callback):
         done = 0
         results: dict[str, list[torch.Tensor]] = {}
         loader = self._val_loader(trainer)
+        batches = self._local_batches(loader, wanted, device)
+        # Sharded networks (FSDP): every forward is a collective, so all ranks generate the same number of batches;
+        # a rank out of data repeats its last batch and throws the images away until the others are done.
+        in_step = is_sharded(trainer)
+        last = None
         bar = tqdm(
             total=wanted, desc=self.description, leave=False, dynamic_ncols=True, disable=trainer.global_rank != 0
         )
         try:
-            empty = loader is None or (isinstance(loader, (list, tuple)) and not loader)  # no bool(): no __len__
-            for full in [] if empty else loader:
-                n = _batch_len(full)
-                step = self.batch_size or n
-                for start in range(0, n, step):
-                    take = min(step, n - start, wanted - done)
-                    if take <= 0:
-                        break
-                    batch = _to_device(_slice_batch(full, start, start + take), device)
-                    with trainer.precision_plugin.forward_context():
-                        images = pl_module.evaluation_images(batch, generator)
-                    images = images.detach().float().clamp(0, 1)
-                    with torch.autocast(device_type=device.type, enabled=False):
-                        for key, value in self.process(trainer, batch, images).items():
-                            results.setdefault(key, []).append(value.detach())
-                    done += take
-                    bar.update(take)
-                if done >= wanted:
+            while True:
+                batch = next(batches, None)
+                if in_step and not trainer.strategy.reduce_boolean_decision(batch is not None, all=False):
                     break
+                if batch is None and not in_step:
+                    break
+                if batch is None and last is None:
+                    raise RuntimeError(
+                        f"{self.metric}: rank {trainer.global_rank} has no validation data, and under FSDP every rank "
+                        f"must generate (give every rank validation shards)"
+                    )
+                with trainer.precision_plugin.forward_context():
+                    images = pl_module.evaluation_images(batch if batch is not None else last, generator)
+                if batch is None:
+                    continue  # a filler pass: it only kept this rank in step
+                last = batch
+                images = images.detach().float().clamp(0, 1)
+                with torch.autocast(device_type=device.type, enabled=False):
+                    for key, value in self.process(trainer, batch, images).items():
+                        results.setdefault(key, []).append(value.detach())
+                done += len(images)
+                bar.update(len(images))
         finally:
             bar.close()
+            batches.close()
             del loader  # shuts its worker processes down
         if done < wanted:
             log.warning(

@@ -10,10 +10,13 @@ import torchvision
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from lit_wuerstchen.strategies import is_sharded
+
 
 class ImageLogger(Callback):
     """Every ``every_n_steps`` training steps, and on the first batch of each validation, log one grid:
-    one row per entry of ``log_images`` (for Stage A: inputs over reconstructions). Rank 0 only.
+    one row per entry of ``log_images`` (for Stage A: inputs over reconstructions). Rank 0 only (under FSDP every
+    rank generates its batch's images, rank 0 writes its own).
     """
 
     def __init__(self, every_n_steps: int = 1000, on_validation: bool = True, save_png: bool = True):
@@ -36,23 +39,24 @@ class ImageLogger(Callback):
 
     @torch.no_grad()
     def _log(self, trainer: Trainer, pl_module: LightningModule, batch: dict, split: str) -> None:
-        if not trainer.is_global_zero or not hasattr(pl_module, "log_images"):
-            return
+        # Trainer.log_dir is a collective (a broadcast from rank 0): every rank asks, before any rank returns.
+        out = Path(trainer.log_dir) / "images" if self.save_png and trainer.loggers and trainer.log_dir else None
+        if not hasattr(pl_module, "log_images") or not (trainer.is_global_zero or is_sharded(trainer)):
+            return  # sharded networks: every rank generates (each forward is a collective), rank 0 writes
         was_training = pl_module.training
         pl_module.eval()
         try:
             images = pl_module.log_images(batch)
         finally:
             pl_module.train(was_training)
-        if not images:
+        if not images or not trainer.is_global_zero:
             return
         grid = self.make_grid(images)
         tag = f"{split}/{'_vs_'.join(images)}"
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image(tag, grid, global_step=trainer.global_step)
-        if self.save_png and trainer.loggers and trainer.log_dir:  # no logger: no run folder to write into
-            out = Path(trainer.log_dir) / "images"
+        if out is not None:  # no logger: no run folder to write into
             out.mkdir(parents=True, exist_ok=True)
             torchvision.utils.save_image(grid, out / f"{split}_step{trainer.global_step:07d}.png")
 

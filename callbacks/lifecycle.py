@@ -7,7 +7,8 @@
   from it continues exactly there) and the command exits with 143. Under SLURM with auto-requeue, Lightning's own
   SIGUSR1 handler (checkpoint + ``scontrol requeue``) is left in charge.
 - **Crashed**: any other exception saves ``checkpoints/crash.ckpt`` for inspection (the state may be mid-step) and
-  says how to resume from it; a diverged run saves nothing (its last checkpoint is the last good one).
+  says how to resume from it; a diverged run saves nothing (its last checkpoint is the last good one), nor does a
+  crashed FSDP run (a sharded save needs every rank, and the crashed one is gone).
 
 Lightning's ``OnExceptionCheckpoint`` is not used: once its file exists, every later ``fit`` of the experiment resumes
 from it silently.
@@ -57,8 +58,9 @@ class RunLifecycle(Callback):
 
     # --- the end of a run -----------------------------------------------------------------------------------------
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.is_global_zero and trainer.log_dir and not trainer.fast_dev_run and trainer.loggers:
-            marker = Path(trainer.log_dir) / DONE_MARKER
+        log_dir = trainer.log_dir  # a collective (a broadcast from rank 0): asked on every rank
+        if trainer.is_global_zero and log_dir and not trainer.fast_dev_run and trainer.loggers:
+            marker = Path(log_dir) / DONE_MARKER
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.write_text(f"finished at step {trainer.global_step}, {datetime.datetime.now().isoformat()}\n")
 
@@ -68,6 +70,11 @@ class RunLifecycle(Callback):
         if isinstance(exception, DivergenceError):
             return
         preempted = isinstance(exception, SIGTERMException)
+        if not preempted and hasattr(trainer.strategy, "shard_stage"):
+            # A sharded save is a collective: every rank must take part, and after a crash on one rank the others
+            # are not here (they would wait forever). The last periodic checkpoint is the one to resume from.
+            log.warning("%s at step %d: no crash checkpoint under FSDP", type(exception).__name__, trainer.global_step)
+            return
         path = Path(trainer.log_dir) / "checkpoints" / (self.preempt_filename if preempted else self.crash_filename)
         try:
             trainer.save_checkpoint(path)

@@ -44,6 +44,7 @@ from .models.prior import Prior, PriorConfig
 from .models.text_encoder import TextEncoder, TextEncoderConfig
 from .models.vqgan import VQGAN, VQGANConfig
 from .offline import resolve_open_clip_model, torchvision_weights_file
+from .strategies import METADATA_FILE, is_sharded_checkpoint, read_sharded
 
 FORMAT = 1
 RECORD = "lit_wuerstchen"
@@ -62,6 +63,8 @@ def _first_line(error: BaseException) -> str:
 def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
     """The dict of a ``torch.save`` file, loaded on the CPU with ``weights_only=True``."""
     path = Path(path)
+    if is_sharded_checkpoint(path):
+        return _read_sharded_checkpoint(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}" + (" (a folder)" if path.is_dir() else ""))
     if path.stat().st_size == 0:
@@ -79,6 +82,16 @@ def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, An
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
     return checkpoint
+
+
+def _read_sharded_checkpoint(path: Path) -> dict[str, Any]:
+    """A sharded checkpoint folder of an FSDP run, read whole into memory (``strategies.read_sharded``)."""
+    try:
+        return read_sharded(path)
+    except Exception as error:
+        raise CheckpointError(
+            f"{path} is not a readable sharded checkpoint (incomplete?): {_first_line(error)}"
+        ) from None
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -153,14 +166,20 @@ def stage_record(stage: str, **parts: Any) -> dict[str, Any]:
     }
 
 
-def read_stage_checkpoint(path: str | os.PathLike, stage: str, needed_by: str = "") -> tuple[dict, dict]:
-    """``(checkpoint, record)`` of a ``stage`` ("A", "B", "C") checkpoint; anything else is a one-line error."""
+def read_stage_checkpoint(
+    path: str | os.PathLike, stage: str, needed_by: str = "", metadata_only: bool = False
+) -> tuple[dict, dict]:
+    """``(checkpoint, record)`` of a ``stage`` ("A", "B", "C") checkpoint; anything else is a one-line error.
+    ``metadata_only``: a sharded folder's tensors are not read (the record, step and loop states are)."""
     wanted = STAGE_NAMES[stage]
     purpose = f"{needed_by} needs a {wanted} checkpoint" if needed_by else f"expected a {wanted} checkpoint"
-    if not Path(path).is_file():
+    if not (Path(path).is_file() or is_sharded_checkpoint(path)):
         raise CheckpointError(f"{wanted} checkpoint not found: {path} ({purpose}; train it first or fix the path)")
     try:  # memory-mapped: reading the record of a large checkpoint costs little
-        checkpoint = read_checkpoint(path, mmap=True)
+        if metadata_only and is_sharded_checkpoint(path):
+            checkpoint = read_checkpoint(Path(path) / METADATA_FILE)
+        else:
+            checkpoint = read_checkpoint(path, mmap=True)
     except CheckpointError:
         checkpoint = read_checkpoint(path)  # the legacy (non-zip) torch format cannot be memory-mapped
     record = checkpoint.get(RECORD)
@@ -377,11 +396,11 @@ def load_pipeline(
     frozen Stage A, is found through the path it was trained with). ``stage_b_checkpoint`` / ``stage_a_checkpoint``
     replace those parts."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and not is_sharded_checkpoint(path):
         pipeline = _pipeline_from_export(path)
         if stage_b_checkpoint is not None:
             raise CheckpointError(f"{path} is an exported pipeline: its Stage B cannot be replaced; export again")
-    elif path.is_file():
+    elif path.exists():
         pipeline = _pipeline_from_stage_c(path, stage_b_checkpoint, use_ema)
     else:
         raise CheckpointError(f"no Stage C checkpoint or exported pipeline at {path}")

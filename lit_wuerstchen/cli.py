@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from .callbacks import EMA, ImageLogger, RunLifecycle
+from .callbacks import EMA, ImageLogger, PerfMonitor, RunLifecycle
 from .data import ShardDataModule
 from .data.cli import main as data_main
 from .data.precompute import add_arguments as add_precompute_arguments
@@ -25,6 +25,7 @@ from .interop.convert import main as convert_main
 from .runs import SaveRunConfig, check_image_sizes, prepare_fit
 from .sample import main_export, main_sample
 from .stages.base import Stage
+from .strategies import consolidate
 from .sweep import main as sweep_main
 
 OVERVIEW = """\
@@ -42,6 +43,7 @@ inference and tools:
   sample     text -> images from a Stage C checkpoint or exported pipeline (PNGs + samples.jsonl)
   export     a Stage C checkpoint (+ its Stages B and A) -> self-contained safetensors pipeline folder, or
              diffusers Würstchen folders (--format diffusers)
+  consolidate a sharded checkpoint folder (FSDP runs) -> one checkpoint file
   convert    released Würstchen v2 weights (diffusers folders or official .pt) -> our stage checkpoints
   evaluate   FID / CLIP score / shapes alignment of a 'sample' output folder -> JSON report
   data       dataset tools: 'data shapes' (synthetic captioned set), 'data folder' (your images -> shards),
@@ -60,6 +62,7 @@ NAMED_CALLBACKS = {
     "ema": EMA,
     "image_logger": ImageLogger,
     "lifecycle": RunLifecycle,
+    "perf": PerfMonitor,
 }
 
 
@@ -201,6 +204,28 @@ def main_precompute(argv: list[str]) -> int:
     return 0
 
 
+def main_consolidate(argv: list[str]) -> int:
+    """``consolidate FOLDER [--out FILE]``: a sharded FSDP checkpoint folder -> one checkpoint file."""
+    parser = argparse.ArgumentParser(
+        prog="python -m lit_wuerstchen consolidate",
+        description="Write the one-file checkpoint of a sharded checkpoint folder (an FSDP run's checkpoints/*.ckpt/): "
+        "the same layout as an unsharded run's, for tools outside this package. export, sample and a later stage's "
+        "*_checkpoint read the folder directly; resume an FSDP run from the folder.",
+    )
+    parser.add_argument("folder", help="the sharded checkpoint folder (holds meta.pt and *.distcp files)")
+    parser.add_argument(
+        "--out", default=None, help="the file to write (default: FOLDER without .ckpt + .consolidated.ckpt)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    args = parser.parse_args(argv)
+    try:
+        out = consolidate(args.folder, args.out, overwrite=args.overwrite)
+    except (FileNotFoundError, FileExistsError) as error:
+        raise ConfigError(str(error)) from error
+    print(f"wrote {out}")
+    return 0
+
+
 def _data_command(argv: list[str]) -> int:
     if argv and argv[0] == "precompute":
         return main_precompute(argv[1:])
@@ -208,6 +233,7 @@ def _data_command(argv: list[str]) -> int:
 
 
 COMMANDS = {
+    "consolidate": main_consolidate,
     "data": _data_command,
     "sample": main_sample,
     "export": main_export,

@@ -53,7 +53,7 @@ def prepare_fit(config: Namespace, model_class: type) -> None:
     logger = config.trainer.get("logger")
     if ckpt_path not in (None, "last", "hpc", "best", "registry"):
         needed_by = f"resuming {model_class.__name__}"
-        checkpoint, _ = read_stage_checkpoint(ckpt_path, model_class.stage, needed_by=needed_by)
+        checkpoint, _ = read_stage_checkpoint(ckpt_path, model_class.stage, needed_by=needed_by, metadata_only=True)
         resumed = Path(ckpt_path).resolve().parent.parent
         if isinstance(logger, Namespace) and logger.get("class_path") == TENSORBOARD:
             args = logger.init_args
@@ -67,7 +67,7 @@ def prepare_fit(config: Namespace, model_class: type) -> None:
     if folder is not None and holds_a_run(folder):
         if not config.get("overwrite_run"):
             last = folder / "checkpoints" / "last.ckpt"
-            resume = f"resume it with --ckpt_path {last}, " if last.is_file() else ""
+            resume = f"resume it with --ckpt_path {last}, " if last.exists() else ""
             raise ConfigError(
                 f"{folder} already holds a run: {resume}choose another --trainer.logger.init_args.version, or pass "
                 f"--overwrite_run=true to replace it"

@@ -43,7 +43,9 @@ def build_sample_parser(prog: str) -> argparse.ArgumentParser:
         "command with lit_wuerstchen.data.PromptDataModule and lit_wuerstchen.callbacks.SampleWriter (see README).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--ckpt", required=True, help="Stage C checkpoint (.ckpt) or an exported pipeline folder")
+    parser.add_argument(
+        "--ckpt", required=True, help="Stage C checkpoint (.ckpt file or sharded folder) or an exported pipeline folder"
+    )
     parser.add_argument("--stage_b_ckpt", help="override the Stage B checkpoint the Stage C run was trained with")
     parser.add_argument("--stage_a_ckpt", help="override the Stage A inside the Stage B checkpoint")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for more)")
@@ -146,7 +148,9 @@ def build_export_parser(prog: str) -> argparse.ArgumentParser:
         "pipeline folder: safetensors weights per part + pipeline.json ('sample --ckpt FOLDER' accepts it), or "
         "with --format diffusers as diffusers Würstchen folders (OUT/prior, OUT/decoder; needs the interop extra).",
     )
-    parser.add_argument("--ckpt", required=True, help="Stage C checkpoint (or an exported pipeline folder)")
+    parser.add_argument(
+        "--ckpt", required=True, help="Stage C checkpoint (file or sharded folder) or an exported pipeline folder"
+    )
     parser.add_argument(
         "--format",
         choices=("lit_wuerstchen", "diffusers"),

@@ -123,6 +123,7 @@ class Stage(L.LightningModule):
         self._last_loss: torch.Tensor | None = None
         self._logged_counts: dict[str, float] = {}  # last value logged per cumulative counter
         self._lora_base: dict[str, frozenset[str]] = {}  # per LoRA-adapted network: its frozen base's keys
+        self._frozen_saved_state: dict[str, dict[str, torch.Tensor]] = {}  # float32 weights of bf16 frozen parts
 
     # --- frozen parts ---------------------------------------------------------------------------------------------
     def freeze(self, name: str, module: nn.Module, persistent: bool = False) -> nn.Module:
@@ -141,6 +142,40 @@ class Stage(L.LightningModule):
 
     def frozen_modules(self) -> dict[str, nn.Module]:
         return {name: module for name, (module, _) in self._frozen.items()}
+
+    def run_frozen_in(self, dtype: torch.dtype) -> None:
+        """Cast the frozen parts to ``dtype`` (bf16 under a bf16 precision: half the memory and the fast kernels).
+        A persistent part keeps its float32 weights for checkpoints (on the host), so saving never rounds them."""
+        for name, (module, persistent) in self._frozen.items():
+            if persistent and name not in self._frozen_saved_state:
+                self._frozen_saved_state[name] = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+            module.to(dtype=dtype)
+            # Callers also run them outside autocast (callbacks, statistics): each layer takes its inputs in its
+            # weights' dtype, so a float32 tensor handed to a bf16 part works anywhere.
+            for layer in module.modules():
+                if next(layer.parameters(recurse=False), None) is not None and not hasattr(layer, "_casts_inputs"):
+                    layer.register_forward_pre_hook(_cast_inputs_to_weights, with_kwargs=True)
+                    layer._casts_inputs = True
+
+    def sharded_modules(self) -> list[nn.Module]:
+        """What a sharding strategy shards: the direct submodules with parameters (the trained networks, Stage A's
+        discriminator); the frozen parts are not submodules."""
+        return [module for module in self.children() if next(module.parameters(), None) is not None]
+
+    def configure_model(self) -> None:
+        """Once the strategy is set up, before the optimiser is built (for every fit/validate/test/predict): the
+        frozen parts run in bf16 under a bf16 precision; a sharding strategy (:class:`lit_wuerstchen.strategies.FSDP`)
+        shards the networks; ``compile`` compiles the trained networks (block by block when sharded)."""
+        trainer = self._trainer
+        if trainer is None:
+            return
+        if str(trainer.precision).startswith("bf16"):
+            self.run_frozen_in(torch.bfloat16)
+        shard = getattr(trainer.strategy, "shard_stage", None)
+        if shard is not None:
+            shard(self.sharded_modules())
+        if self.hparams.get("compile", False):
+            compile_networks(self.trained_networks().values(), per_block=shard is not None)
 
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
@@ -262,7 +297,7 @@ class Stage(L.LightningModule):
         # The last line of defence: a checkpoint with a non-finite weight or average is never written.
         for section in ("state_dict", "ema_state_dict"):
             for key, value in checkpoint.get(section, {}).items():
-                if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                if value.is_floating_point() and not self._finite(value):
                     raise DivergenceError(
                         f"diverged: {section} entry {key} is non-finite at step {self.global_step}; "
                         f"not writing the checkpoint (the previous one is the last good one)"
@@ -270,6 +305,15 @@ class Stage(L.LightningModule):
         checkpoint[RECORD] = stage_record(
             self.stage, skipped_steps=self.skipped_steps, rng_states=_gather(rng_states()), **self.checkpoint_configs()
         )
+
+    def _finite(self, value: torch.Tensor) -> bool:
+        """Whether every element is finite; a sharded tensor (FSDP) is checked shard by shard on every rank."""
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(value, DTensor):
+            local = bool(torch.isfinite(value.to_local()).all())
+            return self.trainer.strategy.reduce_boolean_decision(local, all=True)
+        return bool(torch.isfinite(value).all())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         record = checkpoint.get(RECORD, {})
@@ -311,6 +355,33 @@ class Stage(L.LightningModule):
                 batch_size=1,
             )
 
+    def training_flops(self, batch: dict) -> int | None:
+        """Model FLOPs of one training step on ``batch`` (forward + backward of the trained networks, not the frozen
+        parts), for ``perf/tflops_per_sec`` and ``perf/mfu`` (:class:`lit_wuerstchen.callbacks.PerfMonitor` asks
+        once); None: not counted."""
+        return None
+
+
+def _cast_inputs_to_weights(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    dtype = next(layer.parameters(recurse=False)).dtype
+
+    def cast(value):
+        floating = isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != dtype
+        return value.to(dtype) if floating else value
+
+    return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
+
+
+def compile_networks(networks, per_block: bool = False) -> None:
+    """``torch.compile`` the networks in place (``nn.Module.compile``: parameter names stay as they are, so
+    checkpoints do not change). ``per_block``: each block on its own instead (FSDP gathers weights between blocks,
+    which a whole-network graph would have to break around)."""
+    from ..strategies import blocks_of
+
+    for network in networks:
+        for module in (blocks_of(network) or [network]) if per_block else [network]:
+            module.compile()
+
 
 def rng_states() -> dict[str, Any]:
     """This process's random generator states, as plain values (so checkpoints load with ``weights_only``)."""
@@ -345,7 +416,8 @@ def _gather(value: Any) -> list[Any]:
 def _frozen_state_dict_hook(module: Stage, state_dict: dict, prefix: str, local_metadata: dict) -> None:
     for name, (frozen, persistent) in module._frozen.items():
         if persistent:
-            for key, value in frozen.state_dict().items():
+            saved = module._frozen_saved_state.get(name) or frozen.state_dict()
+            for key, value in saved.items():
                 state_dict[f"{prefix}{name}.{key}"] = value
     for name, base in module._lora_base.items():  # a LoRA run saves its adapters, not the base it started from
         for key in base:

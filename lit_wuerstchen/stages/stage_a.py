@@ -30,6 +30,8 @@ class StageA(Stage):
             cache (``$TORCH_HOME/hub/checkpoints``), offline and missing fails at once naming the file.
         adversarial_weight: hinge GAN loss weight for the generator (paper 0.01; 0 disables the discriminator).
         adversarial_start_step: step from which the discriminator trains and the adversarial loss applies (paper 10k).
+        compile: ``torch.compile`` the trained networks (block by block under FSDP): the first steps compile,
+            later ones run faster; losses equal eager's (tested) except that compiled dropout draws other masks.
     """
 
     stage = "A"
@@ -49,6 +51,7 @@ class StageA(Stage):
         discriminator_layers: int = 3,
         discriminator_lr: float | None = None,
         num_logged_images: int = 8,
+        compile: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()

@@ -6,12 +6,13 @@ from typing import Any, Literal
 
 import torch
 from lightning.fabric.utilities import move_data_to_device
+from lightning.fabric.utilities.throughput import measure_flops
 from torch import nn
 
 from ..checkpoints import RECORD, load_prior, load_stage_b, load_text_encoder, read_stage_checkpoint
 from ..diffusion import DiffusionConfig, SamplingConfig, decoder_sampling, prior_sampling
 from ..generation import PipelineConfig, WuerstchenPipeline
-from ..lora import LoraSettings
+from ..lora import LoraSettings, inject_lora
 from ..models.diffnext import DiffNeXtConfig
 from ..models.prior import Prior, PriorConfig
 from ..models.text_encoder import TextEncoderConfig
@@ -43,6 +44,8 @@ class StageC(DiffusionStage):
             prior's config.
         lora: LoRA adapters on the prior (``rank > 0``; needs ``init_checkpoint``): the prior's weights stay frozen,
             only the adapters are trained, averaged and saved (docs/finetune.md).
+        compile: ``torch.compile`` the trained networks (block by block under FSDP): the first steps compile,
+            later ones run faster; losses equal eager's (tested) except that compiled dropout draws other masks.
     """
 
     stage = "C"
@@ -62,6 +65,7 @@ class StageC(DiffusionStage):
         num_logged_images: int = 8,
         init_checkpoint: str | None = None,
         lora: LoraSettings = LoraSettings(),
+        compile: bool = False,
     ):
         super().__init__(diffusion, validation_sampling)
         self.save_hyperparameters()
@@ -203,7 +207,8 @@ class StageC(DiffusionStage):
         for index, batch in enumerate(dataloader):
             if index >= self.hparams.normalization_batches:
                 break
-            semantic = self.raw_semantic(move_data_to_device(batch, self.device)).double()
+            with self.trainer.precision_plugin.forward_context():  # the frozen compressor may run in bf16
+                semantic = self.raw_semantic(move_data_to_device(batch, self.device)).double()
             total += semantic.sum(dim=(0, 2, 3))
             total_sq += semantic.pow(2).sum(dim=(0, 2, 3))
             count += semantic.shape[0] * semantic.shape[2] * semantic.shape[3]
@@ -238,6 +243,26 @@ class StageC(DiffusionStage):
                 keep = (torch.rand(len(batch["caption"])) >= self.hparams.caption_drop_prob).tolist()
         x0 = self.semantic_latents(batch)
         return x0, {"text": self.text_states(batch, keep)}
+
+    def training_flops(self, batch: dict) -> int:
+        """Forward + backward FLOPs of the prior in one training step on ``batch``, counted with torch's
+        ``FlopCounterMode`` on a meta-device copy (no memory, no compute) fed meta inputs of the step's shapes: the
+        semantic latent and the text hidden states (the cache's, else what the frozen compressor and text encoder
+        make of the batch). The frozen networks are not counted; under LoRA only the adapters get weight gradients."""
+        cached = batch.get("cache")
+        if cached is not None:
+            x0_shape, text_shape = cached["semantic"].shape, cached["text_hidden"].shape
+        else:
+            images = batch["image"]
+            latent_size = self.compressor.latent_size(tuple(images.shape[-2:]))
+            x0_shape = (images.shape[0], self.compressor.latent_channels, *latent_size)
+            text_shape = (images.shape[0], self.text_encoder.context_length, self.text_encoder.width)
+        with torch.device("meta"):
+            prior = Prior(self.prior.config)
+            if self.lora_config.enabled:
+                inject_lora(prior, self.lora_config)
+            x_t, t, text = torch.empty(x0_shape), torch.empty(x0_shape[0]), torch.empty(text_shape)
+        return measure_flops(prior, lambda: prior(x_t, t, text), torch.Tensor.sum)
 
     def on_fit_start(self) -> None:
         super().on_fit_start()

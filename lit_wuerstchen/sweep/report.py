@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,10 +31,14 @@ METRICS: list[tuple[str, str, str, str, str]] = [
     ("b_steps", "b", "#steps", "B steps", "{:.0f}"),
     ("b_steps_per_s", "b", "#throughput", "B steps/s", "{:.2f}"),
     ("b_peak_memory_gb", "b", "#memory", "B peak mem GB", "{:.2f}"),
+    ("b_images_per_s", "b", "~perf/images_per_sec", "B img/s", "{:.1f}"),
+    ("b_mfu", "b", "~perf/mfu", "B MFU", "{:.3f}"),
     ("b_params", "b", "#params", "B params", "params"),
     ("c_steps", "c", "#steps", "C steps", "{:.0f}"),
     ("c_steps_per_s", "c", "#throughput", "C steps/s", "{:.2f}"),
     ("c_peak_memory_gb", "c", "#memory", "C peak mem GB", "{:.2f}"),
+    ("c_images_per_s", "c", "~perf/images_per_sec", "C img/s", "{:.1f}"),
+    ("c_mfu", "c", "~perf/mfu", "C MFU", "{:.3f}"),
     ("c_params", "c", "#params", "C params", "params"),
 ]
 PLOTTED = [m for m in METRICS if m[0] not in ("b_steps", "c_steps", "b_params", "c_params")]
@@ -60,6 +65,13 @@ def final_value(files: list[dict[str, list[tuple[float, int, float]]]], tag: str
     if not events:
         return None
     return max(events, key=lambda e: (e[1], e[0]))[2]  # the latest step (then the latest write)
+
+
+def median_value(files: list[dict[str, list[tuple[float, int, float]]]], tag: str) -> float | None:
+    """The median of every logged value of ``tag`` (a rate logged per window: the warm-up window and the windows
+    with a checkpoint write do not move it)."""
+    values = [e[2] for f in files for e in f.get(tag, [])]
+    return statistics.median(values) if values else None
 
 
 def throughput(files: list[dict[str, list[tuple[float, int, float]]]], tag: str = "train/loss") -> float | None:
@@ -149,6 +161,8 @@ def collect(grid: Grid, points: list[Point]) -> list[dict[str, Any]]:
             files = cache[id(run)][0]
             if tag == "#throughput":
                 row[column] = throughput(files)
+            elif tag.startswith("~"):
+                row[column] = median_value(files, tag[1:])
             elif tag == "#memory":
                 events = [e[2] for f in files for e in f.get("perf/peak_memory_gb", [])]
                 row[column] = max(events) if events else None
@@ -189,7 +203,8 @@ def write_report(grid: Grid, rows: list[dict[str, Any]], out: Path) -> list[Path
         "",
         f"Grid `{grid.path}`; final logged values per run (`{MISSING}`: not logged). "
         "Throughput: training steps/s between the first and last `train/loss` events; params: trainable "
-        "networks (Stage B: decoder + compressor, Stage C: prior).",
+        "networks (Stage B: decoder + compressor, Stage C: prior); img/s and MFU: medians of the logged "
+        "`perf/images_per_sec` and `perf/mfu`; peak memory: the largest `perf/peak_memory_gb`.",
         "",
         "| " + " | ".join(headers) + " |",
         "|" + " --- |" * len(headers),
