@@ -143,8 +143,10 @@ class GenerativeEvaluation(Callback):
 
     # -- hooks --------------------------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        # before any training: a missing weights file fails now, not hours into the run
-        self.build(trainer, trainer.strategy.root_device)
+        # before any training: a missing weights file fails now, not hours into the run. Randomly initialised metric
+        # networks draw from a forked stream: with or without evaluation callbacks, training draws the same numbers.
+        with torch.random.fork_rng(devices=[]):
+            self.build(trainer, trainer.strategy.root_device)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int

@@ -360,3 +360,12 @@ def test_callbacks_under_ddp_uneven_shares(shapes_dir, tmp_path):
     assert math.isfinite(float(ddp.callback_metrics["eval/fid"]))
     assert math.isfinite(float(ddp.callback_metrics["eval/clip_score"]))
     assert feats.read_reference_stats(stats)["count"] == 15
+
+
+def test_building_random_metric_networks_leaves_the_training_streams_alone():
+    callback = CLIPScoreEvaluation(model_name="wuerstchen-tiny-clip", pretrained=None)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    callback.setup(trainer(), None, "fit")
+    assert callback.scorer is not None  # a random-initialised tiny CLIP was built...
+    assert torch.equal(torch.get_rng_state(), before)  # ...from a forked stream
