@@ -22,7 +22,7 @@ from .data.precompute import precompute
 from .errors import ConfigError, LitWuerstchenError, PreemptedError, show_tracebacks, user_error
 from .evaluation.report import main as evaluate_main
 from .interop.convert import main as convert_main
-from .runs import SaveRunConfig, check_image_sizes, prepare_fit
+from .runs import SaveRunConfig, check_image_sizes, check_sharded_resume, prepare_fit
 from .sample import main_export, main_sample
 from .stages.base import Stage
 from .strategies import consolidate
@@ -99,6 +99,7 @@ class WuerstchenCLI(LightningCLI):
             return
         try:
             check_image_sizes(config, model_class)
+            check_sharded_resume(config)
             if self.subcommand == "fit":
                 prepare_fit(config, model_class)
         except LitWuerstchenError:

@@ -25,6 +25,7 @@ from lightning.pytorch.cli import SaveConfigCallback
 
 from .checkpoints import STAGE_NAMES, read_stage_checkpoint
 from .errors import ConfigError
+from .strategies import FSDP, is_sharded_checkpoint
 
 TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
 
@@ -45,6 +46,20 @@ def run_folder(logger: Any) -> Path | None:
 
 def holds_a_run(folder: Path) -> bool:
     return folder.is_dir() and any(folder.iterdir())
+
+
+def check_sharded_resume(config: Namespace) -> None:
+    """A sharded checkpoint folder (an FSDP run's) is restored only by the FSDP strategy: said before anything runs."""
+    ckpt_path = config.get("ckpt_path")
+    if ckpt_path in (None, "last", "hpc", "best", "registry") or not is_sharded_checkpoint(ckpt_path):
+        return
+    strategy = config.trainer.get("strategy")
+    class_path = strategy.get("class_path") if isinstance(strategy, (dict, Namespace)) else strategy
+    if class_path != f"{FSDP.__module__}.{FSDP.__name__}":
+        raise ConfigError(
+            f"{ckpt_path} is a sharded checkpoint (an FSDP run's): add -c experiments/strategies/fsdp.yaml, or write "
+            f"one file with `python -m lit_wuerstchen consolidate {ckpt_path}` and pass that"
+        )
 
 
 def prepare_fit(config: Namespace, model_class: type) -> None:

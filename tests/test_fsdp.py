@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import datamodule, tiny_stage_b, trainer
+from conftest import REPO, datamodule, tiny_stage_b, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from test_stage_c import tiny_stage_c
 
@@ -85,7 +85,7 @@ def assert_same_run(ddp_root: Path, fsdp_root: Path, ddp: list[dict], sharded: l
     assert sharded_ckpt["global_step"] == ddp_ckpt["global_step"] == step
 
 
-def test_stage_c_under_fsdp_matches_ddp_and_resumes_and_exports(shapes_dir, stage_b_checkpoint, tmp_path):
+def test_stage_c_under_fsdp_matches_ddp_and_resumes_and_exports(shapes_dir, stage_b_checkpoint, tmp_path, capsys):
     def generating_callbacks():  # under FSDP these generate on every rank, in step (else the run would hang)
         evaluation = CLIPScoreEvaluation(model_name="wuerstchen-tiny-clip", pretrained=None, num_images=6,
                                          every_n_steps=2, batch_size=2)  # fmt: skip
@@ -118,6 +118,10 @@ def test_stage_c_under_fsdp_matches_ddp_and_resumes_and_exports(shapes_dir, stag
     consolidated = torch.load(folder.with_name("last.consolidated.ckpt"), weights_only=True)
     assert consolidated["ema_state_dict"].keys() == ema.keys()
     assert main(["consolidate", str(folder)]) != 0  # never replaces the file it wrote before
+    # another strategy cannot restore the folder: one line that says what to do, before anything is built
+    configs = ["-c", str(REPO / "experiments/stage_c.yaml"), "-c", str(REPO / "experiments/toy/stage_c.yaml")]
+    assert main(["validate", *configs, "--ckpt_path", str(folder)]) != 0
+    assert "sharded checkpoint (an FSDP run's): add -c experiments/strategies/fsdp.yaml" in capsys.readouterr().err
 
 
 def test_stage_b_under_fsdp_matches_ddp(shapes_dir, stage_a_checkpoint, tmp_path):
