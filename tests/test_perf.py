@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from lit_wuerstchen.callbacks import PerfMonitor
+from lit_wuerstchen.flops import flop_counter
 from lit_wuerstchen.models import PriorConfig, TextEncoderConfig
 from lit_wuerstchen.stages import StageC
 from lit_wuerstchen.sweep.report import median_value, read_scalars
@@ -27,9 +28,9 @@ def first_batch(shapes_dir) -> dict:
 
 
 def counted(step) -> int:
-    """FLOPs of a real forward + backward on the CPU. The math attention: torch's counter does not see the CPU's
-    fused attention kernel (its flash and memory-efficient GPU kernels it does), which would leave attention out."""
-    counter = FlopCounterMode(display=False)
+    """FLOPs of a real forward + backward on the CPU, with the project's counter (grouped-conv fix: see
+    test_benchmarks_gpu_throughput) and the math attention, which every counter sees."""
+    counter = flop_counter()
     with sdpa_kernel(SDPBackend.MATH), counter:
         step().backward()
     return counter.get_total_flops()

@@ -6,7 +6,6 @@ import dataclasses
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.throughput import measure_flops
 from torch import nn
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
@@ -18,6 +17,7 @@ from ..checkpoints import (
     read_stage_checkpoint,
 )
 from ..diffusion import DiffusionConfig, SamplingConfig, decoder_sampling
+from ..flops import measure_training_flops
 from ..generation import decode_stage_a, sample_stage_b
 from ..lora import LoraSettings, inject_lora
 from ..models.compressor import CompressorConfig, SemanticCompressor
@@ -219,7 +219,7 @@ class StageB(DiffusionStage):
         def step() -> torch.Tensor:
             return decoder(x_t, t, semantic if self.lora_config.enabled else compressor(image), text)
 
-        return measure_flops(decoder, step, torch.Tensor.sum)
+        return measure_training_flops(step, torch.Tensor.sum)
 
     # --- the cache: Stage A's latents; the image stays (the compressor trains on it) ----------------------------
     cache_keeps_image = True

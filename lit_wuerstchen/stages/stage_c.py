@@ -6,11 +6,11 @@ from typing import Any, Literal
 
 import torch
 from lightning.fabric.utilities import move_data_to_device
-from lightning.fabric.utilities.throughput import measure_flops
 from torch import nn
 
 from ..checkpoints import RECORD, load_prior, load_stage_b, load_text_encoder, read_stage_checkpoint
 from ..diffusion import DiffusionConfig, SamplingConfig, decoder_sampling, prior_sampling
+from ..flops import measure_training_flops
 from ..generation import PipelineConfig, WuerstchenPipeline
 from ..lora import LoraSettings, inject_lora
 from ..models.diffnext import DiffNeXtConfig
@@ -262,7 +262,7 @@ class StageC(DiffusionStage):
             if self.lora_config.enabled:
                 inject_lora(prior, self.lora_config)
             x_t, t, text = torch.empty(x0_shape), torch.empty(x0_shape[0]), torch.empty(text_shape)
-        return measure_flops(prior, lambda: prior(x_t, t, text), torch.Tensor.sum)
+        return measure_training_flops(lambda: prior(x_t, t, text), torch.Tensor.sum)
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
