@@ -75,7 +75,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lit_wuerstchen.diffusion import Diffusion, DiffusionConfig
-from lit_wuerstchen.flops import flop_counter
+from lit_wuerstchen.flops import device_peak_flops, flop_counter
 from lit_wuerstchen.models import DiffNeXt, DiffNeXtConfig, Prior, PriorConfig
 
 TEXT_TOKENS = 77
@@ -87,7 +87,6 @@ PAPER_STAGE_C_A100_HOURS = 24_602
 RECIPE_12 = (12, 500_000, 1536)
 RECIPE_24_ITERATIONS = 364_000
 A100_BF16 = 312e12
-H100_SXM_BF16 = 989.5e12  # dense bf16; used for the H200 too (same tensor cores, more memory bandwidth)
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::_addmm_activation")
 CONV_OPS = ("conv", "mkldnn_convolution")
 ATTENTION_OPS = ("scaled_dot_product", "flash_attention", "efficient_attention", "cudnn_attention")
@@ -215,21 +214,6 @@ def all_max(env: Env, values: list[float]) -> list[float]:
 
 
 # --- peaks -----------------------------------------------------------------------------------------------------------
-def spec_peak(device: torch.device, dtype: torch.dtype, override_tflops: float | None) -> tuple[float | None, str]:
-    """Peak FLOP/s of one device and where the number comes from."""
-    if override_tflops:
-        return override_tflops * 1e12, "--peak-tflops"
-    if device.type != "cuda":
-        return None, "none for CPUs: MFU is against the measured matmul ceiling"
-    name = torch.cuda.get_device_name(device)
-    if "h200" in name.lower() and dtype == torch.bfloat16:
-        return H100_SXM_BF16, f"{name}: as an H100 SXM, dense bf16 (Lightning's 2.0e15 for H200 is with sparsity)"
-    from lightning.fabric.utilities.throughput import get_available_flops
-
-    flops = get_available_flops(device, dtype)
-    return (float(flops), f"{name}: lightning get_available_flops") if flops else (None, f"{name}: unknown peak")
-
-
 def matmul_ceiling(device: torch.device, dtype: torch.dtype, sizes: list[int], repeats: int) -> tuple[float, int]:
     """The best FLOP/s of ``repeats`` square ``torch.mm`` of each size (after one untimed), and its size."""
     best, best_n = 0.0, 0
@@ -685,7 +669,7 @@ def main(argv: list[str] | None = None) -> dict:
              f"preset {args.preset}; measuring the {dtype} matmul ceiling")  # fmt: skip
     ceilings = [matmul_ceiling(env.device, dtype, args.matmul_sizes, repeats=3 if cpu else 10)]
     ceiling = ceilings[0][0]
-    peak, peak_source = spec_peak(env.device, dtype, args.peak_tflops)
+    peak, peak_source = device_peak_flops(env.device, dtype, args.peak_tflops)
     log(env, f"matmul ceiling {ceiling / 1e9:,.1f} GFLOP/s ({ceilings[0][1]}^2); counting FLOPs on the meta device")
 
     diffusion = Diffusion(DiffusionConfig(t_sampler="official", target="eps", loss_weight="p2_official"))

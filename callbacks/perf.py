@@ -9,10 +9,12 @@ import time
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.throughput import Throughput, get_available_flops
+from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
+
+from lit_wuerstchen.flops import device_peak_flops
 
 # trainer.precision -> the dtype the peak FLOP/s table is read for
 _COMPUTE_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16, "64": torch.float64}
@@ -31,7 +33,8 @@ class PerfMonitor(Callback):
       see :meth:`lit_wuerstchen.stages.base.Stage.training_flops`), times the steps, over the time; not logged for
       a module that counts none (Stage A);
     - ``perf/mfu``: model FLOPs utilisation, ``tflops_per_sec`` over the device's peak (``peak_tflops``, else
-      Lightning's table of GPUs for the run's precision); not logged where neither is known (e.g. on a CPU);
+      Lightning's table of GPUs for the run's precision, the H200 at its dense rate:
+      :func:`lit_wuerstchen.flops.device_peak_flops`); not logged where neither is known (e.g. on a CPU);
     - ``perf/peak_memory_gb``: peak memory of rank 0's device in GiB: on CUDA the peak allocated by tensors within
       the logging window (reset after each log), elsewhere the process's peak resident set size so far;
     - ``perf/data_wait_fraction``: the share of the time from the end of one training step to the end of the next
@@ -90,12 +93,9 @@ class PerfMonitor(Callback):
             return
         device = trainer.strategy.root_device
         dtype = _COMPUTE_DTYPES.get(str(trainer.precision).split("-")[0], torch.float32)
-        peak = self.peak_tflops * 1e12 if self.peak_tflops else get_available_flops(device, dtype)
+        peak, source = device_peak_flops(device, dtype, self.peak_tflops)
         if not peak:
-            rank_zero_info(
-                f"perf: no peak FLOP/s known for {device.type} ({dtype}): perf/mfu is not logged "
-                "(set perf.peak_tflops to log it)"
-            )
+            rank_zero_info(f"perf: {source} ({dtype}): perf/mfu is not logged (set perf.peak_tflops to log it)")
         self._throughput = Throughput(available_flops=peak, world_size=trainer.world_size, window_size=self.window + 1)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

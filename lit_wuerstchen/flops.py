@@ -83,3 +83,26 @@ def measure_training_flops(
         else:
             loss_fn(forward_fn()).backward()
     return counter.get_total_flops()
+
+
+H100_SXM_BF16 = 989.5e12
+"""Dense bf16 FLOP/s of an H100 SXM (NVIDIA's datasheet: 1,979 TFLOP/s with sparsity); the H200 has the same cores."""
+
+
+def device_peak_flops(
+    device: torch.device, dtype: torch.dtype, override_tflops: float | None = None
+) -> tuple[float | None, str]:
+    """Peak FLOP/s of one device for MFU, and where the number comes from: ``override_tflops``, else Lightning's
+    table (``get_available_flops``), except for the H200, which the table lists at its with-sparsity rate (2.0e15)
+    and finds only by some names: counted as an H100 SXM, dense. None for CPUs and unknown devices."""
+    if override_tflops:
+        return override_tflops * 1e12, "the configured peak"
+    if device.type != "cuda":
+        return None, f"no peak known for {device.type}"
+    name = torch.cuda.get_device_name(device)
+    if "h200" in name.lower() and dtype == torch.bfloat16:
+        return H100_SXM_BF16, f"{name}: as an H100 SXM, dense bf16 (Lightning's 2.0e15 for the H200 is with sparsity)"
+    from lightning.fabric.utilities.throughput import get_available_flops
+
+    flops = get_available_flops(device, dtype)
+    return (float(flops), f"{name}: Lightning's table") if flops else (None, f"{name}: unknown peak")
