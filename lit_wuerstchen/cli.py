@@ -98,8 +98,8 @@ class WuerstchenCLI(LightningCLI):
         if model_class is None:
             return
         try:
-            check_image_sizes(config, model_class)
             check_sharded_resume(config)
+            check_image_sizes(config, model_class)
             if self.subcommand == "fit":
                 prepare_fit(config, model_class)
         except LitWuerstchenError:

@@ -120,6 +120,7 @@ def test_stage_c_under_fsdp_matches_ddp_and_resumes_and_exports(shapes_dir, stag
     assert main(["consolidate", str(folder)]) != 0  # never replaces the file it wrote before
     # another strategy cannot restore the folder: one line that says what to do, before anything is built
     configs = ["-c", str(REPO / "experiments/stage_c.yaml"), "-c", str(REPO / "experiments/toy/stage_c.yaml")]
+    configs += ["--model.init_args.stage_b_checkpoint", str(stage_b_checkpoint)]
     assert main(["validate", *configs, "--ckpt_path", str(folder)]) != 0
     assert "sharded checkpoint (an FSDP run's): add -c experiments/strategies/fsdp.yaml" in capsys.readouterr().err
 
