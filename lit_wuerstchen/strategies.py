@@ -150,6 +150,8 @@ class FSDP(ModelParallelStrategy):
         mesh = self.device_mesh["data_parallel"]
         networks = list(networks)
         for network in networks:
+            if self._layer_sync is not None:  # trainer.sync_batchnorm (Stage B's compressor), as FSDPStrategy does
+                self._layer_sync.apply(network)
             network.to(self.root_device)  # fully_shard shards the tensors where they are
             shard_network(
                 network,
