@@ -60,7 +60,6 @@ import gc
 import json
 import math
 import os
-import platform
 import resource
 import shlex
 import statistics
@@ -72,6 +71,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from machine import cpu_name, describe  # benchmarks/machine.py (scripts run from benchmarks/)
 from torch import nn
 
 from lit_wuerstchen.diffusion import Diffusion, DiffusionConfig
@@ -664,7 +664,7 @@ def main(argv: list[str] | None = None) -> dict:
             return contextlib.nullcontext()
         return torch.autocast(env.device.type, dtype=torch.bfloat16)
 
-    device_name = torch.cuda.get_device_name(env.device) if not cpu else _cpu_name()
+    device_name = torch.cuda.get_device_name(env.device) if not cpu else cpu_name()
     log(env, f"{device_name}, {env.world} process(es), {torch.get_num_threads()} CPU threads, {args.precision}, "
              f"preset {args.preset}; measuring the {dtype} matmul ceiling")  # fmt: skip
     ceilings = [matmul_ceiling(env.device, dtype, args.matmul_sizes, repeats=3 if cpu else 10)]
@@ -710,7 +710,7 @@ def main(argv: list[str] | None = None) -> dict:
     ceiling = -all_max(env, [-ceiling])[0]
     meta = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": f"{platform.platform()} | {_cpu_name()} | os.cpu_count()={os.cpu_count()}",
+        "machine": describe(),
         "device_name": device_name,
         "device_type": env.device.type,
         "processes": env.world,
@@ -760,14 +760,6 @@ def main(argv: list[str] | None = None) -> dict:
     if dist.is_initialized() and not env.torchrun:
         dist.destroy_process_group()
     return results
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

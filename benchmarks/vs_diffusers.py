@@ -30,14 +30,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import os
-import platform
 import statistics
 import time
 from unittest import mock
 
 import torch
 import torch.nn.functional as F
+from machine import describe  # benchmarks/machine.py (scripts run from benchmarks/)
 
 from lit_wuerstchen.interop.export import diffusers_decoder, diffusers_prior
 from lit_wuerstchen.models import DiffNeXt, DiffNeXtConfig, Prior, PriorConfig
@@ -174,14 +173,6 @@ def _ms(times: list[float]) -> str:
     return " / ".join(f"{1000 * t:.0f}" for t in times)
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=["released", "small"], default="released")
@@ -201,7 +192,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     print(f"date      {datetime.datetime.now().isoformat(timespec='seconds')}")
-    print(f"machine   {platform.platform()} | {_cpu_name()} | os.cpu_count()={os.cpu_count()}")
+    print(f"machine   {describe()}")
     threads = torch.get_num_threads()
     print(f"versions  torch {torch.__version__} ({threads} threads) | diffusers {diffusers.__version__}")
     print(f"config    {args.config}, batch {args.batch}, fp32, {args.warmup} warm-up + {args.rounds} timed rounds\n")

@@ -15,6 +15,7 @@ from torch import nn
 from lit_wuerstchen.diffusion import Diffusion, DiffusionConfig
 from lit_wuerstchen.models import Prior, PriorConfig
 
+sys.path.insert(0, str(REPO / "benchmarks"))  # as when run as a script: its helper module machine.py
 _spec = importlib.util.spec_from_file_location("gpu_throughput", REPO / "benchmarks" / "gpu_throughput.py")
 gpu_throughput = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = gpu_throughput  # dataclasses look their module up
