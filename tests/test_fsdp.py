@@ -157,3 +157,14 @@ def test_frozen_parts_run_in_bf16_and_are_saved_in_float32(shapes_dir, stage_b_c
     for key, value in saved_before.items():
         assert state[f"text_encoder.{key}"].dtype == value.dtype
         assert torch.equal(state[f"text_encoder.{key}"], value), key
+    # a resumed bf16 run saves the float32 weights it loaded, not those it was built with
+    other = tiny_stage_c(stage_b_checkpoint)
+    with torch.no_grad():  # built differently from what the checkpoint holds
+        for parameter in other.text_encoder.parameters():
+            parameter.add_(1.0)
+    resumed = trainer(max_steps=3, limit_val_batches=0, precision="bf16-mixed")
+    resumed.fit(other, datamodule=datamodule(shapes_dir, batches=3), ckpt_path=tmp_path / "c.ckpt")
+    resumed.save_checkpoint(tmp_path / "resumed.ckpt")
+    state = read_checkpoint(tmp_path / "resumed.ckpt")["state_dict"]
+    for key, value in saved_before.items():
+        assert torch.equal(state[f"text_encoder.{key}"], value), key

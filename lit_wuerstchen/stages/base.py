@@ -380,7 +380,8 @@ def compile_networks(networks, per_block: bool = False) -> None:
 
     for network in networks:
         for module in (blocks_of(network) or [network]) if per_block else [network]:
-            module.compile()
+            if getattr(module, "_compiled_call_impl", None) is None:  # configure_model runs for every fit/validate
+                module.compile()
 
 
 def rng_states() -> dict[str, Any]:
@@ -443,6 +444,8 @@ def _frozen_load_state_dict_hook(
             unexpected_keys.extend(head + key for key in own)
             continue
         result = frozen.load_state_dict(own, strict=False)
+        if name in module._frozen_saved_state:  # a bf16 part: the float32 weights to save are the loaded ones
+            module._frozen_saved_state[name].update({k: v.detach().cpu().clone() for k, v in own.items()})
         missing_keys.extend(head + key for key in result.missing_keys)
         unexpected_keys.extend(head + key for key in result.unexpected_keys)
     for name, base in module._lora_base.items():  # an adapter-only state dict: the base stays as it was built
