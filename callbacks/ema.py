@@ -73,6 +73,18 @@ class EMA(Callback):
                 self._loaded = None
             else:
                 self._averages = {k: v.detach().clone() for k, v in state.items()}
+            # The update's key groups, once: one fused lerp per kind (sharded parameters under FSDP, plain tensors),
+            # a copy for integer buffers (BatchNorm's num_batches_tracked).
+            floating = [k for k, v in self._averages.items() if v.is_floating_point()]
+            self._lerp_groups = [
+                group
+                for group in (
+                    [k for k in floating if _is_sharded(self._averages[k])],
+                    [k for k in floating if not _is_sharded(self._averages[k])],
+                )
+                if group
+            ]
+            self._copied = [k for k in self._averages if not self._averages[k].is_floating_point()]
         return self._averages
 
     @property
@@ -87,15 +99,9 @@ class EMA(Callback):
         averages = self._ensure_averages(pl_module)
         state = self._state(pl_module)
         weight = 1.0 if step < self.start_step else 1.0 - self.decay
-        floating = [k for k in averages if averages[k].is_floating_point()]
-        # one fused call per kind: sharded parameters (FSDP) and plain tensors (buffers, or everything unsharded)
-        for group in (
-            [k for k in floating if _is_sharded(averages[k])],
-            [k for k in floating if not _is_sharded(averages[k])],
-        ):
-            if group:
-                torch._foreach_lerp_([averages[k] for k in group], [state[k].detach() for k in group], weight)
-        for key in averages.keys() - set(floating):  # integer buffers (BatchNorm's num_batches_tracked)
+        for group in self._lerp_groups:
+            torch._foreach_lerp_([averages[k] for k in group], [state[k].detach() for k in group], weight)
+        for key in self._copied:
             averages[key].copy_(state[key])
 
     # --- swapping the average in for evaluation ---------------------------------------------------------
