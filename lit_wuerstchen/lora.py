@@ -21,7 +21,8 @@ from .errors import CheckpointError, ConfigError
 ADAPTER = "default"  # peft's adapter name: one adapter per network
 DEFAULT_TARGETS = ["to_q", "to_k", "to_v", "to_out", "mlp.0", "mlp.4", "cond_mapper.1", "mapper"]
 """Attention projections (``Attention.to_q/k/v/out``), the ResBlock MLP linears (``mlp.0``, ``mlp.4``), the attention
-blocks' text mapping (``cond_mapper.1``) and the TimestepBlock FiLM (``mapper``), in ``models/blocks.py``."""
+blocks' text mapping (``cond_mapper.1``) and the TimestepBlock FiLM (``mapper``), in ``models/blocks.py``; in a DiT
+prior (``architecture: dit``) its attention projections and MLP linears (the same names)."""
 
 
 @dataclass

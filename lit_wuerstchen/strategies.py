@@ -31,12 +31,12 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 from .errors import ConfigError
-from .models.blocks import AttnBlock, ResBlock
+from .models.blocks import AttnBlock, DiTBlock, ResBlock
 from .models.diffnext import DiffNeXtBlock
 
-BLOCK_TYPES: tuple[type[nn.Module], ...] = (DiffNeXtBlock, ResBlock, AttnBlock)
-"""What becomes one FSDP unit (and one activation-checkpointing region): the repeated blocks of the prior and the
-decoder. The prior's TimestepBlocks (one small linear each) stay in the network's own unit."""
+BLOCK_TYPES: tuple[type[nn.Module], ...] = (DiffNeXtBlock, ResBlock, AttnBlock, DiTBlock)
+"""What becomes one FSDP unit (and one activation-checkpointing region): the repeated blocks of the prior (either
+architecture) and the decoder. The prior's TimestepBlocks (one small linear each) stay in the network's own unit."""
 
 EMA_KEY = "ema_state_dict"
 METADATA_FILE = "meta.pt"  # Lightning's name for the non-tensor part of a sharded checkpoint folder

@@ -228,3 +228,62 @@ def test_stage_c_param_counts(config, expected):
         model = Prior(PriorConfig(**config))
     count = sum(p.numel() for p in model.parameters())
     assert count == expected
+
+
+# --- the DiT architecture (PriorConfig.architecture: dit) -------------------------------------------------------------
+def _perturb_dit(model: Prior) -> None:
+    """Give the zero-initialised modulations and output some weight (as training would)."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "modulation" in name or name.startswith("out."):
+                parameter.normal_(std=0.05)
+
+
+@pytest.mark.parametrize("hw", [(4, 4), (3, 5)])
+def test_dit_prior_shape_and_zero_start(hw):
+    model = tiny_stage_c(architecture="dit")
+    x = torch.randn(2, 16, *hw)
+    eps = model(x, torch.rand(2), torch.randn(2, 77, 64))
+    assert eps.shape == x.shape
+    assert torch.equal(eps, torch.zeros_like(x))  # adaLN-zero and a zero output layer: no noise predicted yet
+
+
+def test_dit_prior_knows_where_each_cell_is():
+    """The same latent value in every cell gives a different prediction per cell (the 2-D positions); the released
+    blocks have no position of their own (their only spatial cue is the zero padding of their depthwise convs):
+    without the convs they predict the same for every cell."""
+    model = tiny_stage_c(architecture="dit").eval()
+    _perturb_dit(model)
+    x = torch.randn(1, 16, 1, 1).expand(1, 16, 4, 4).contiguous()
+    with torch.no_grad():
+        eps = model(x, torch.full((1,), 0.5), torch.randn(1, 77, 64))
+    cells = eps[0].flatten(1).T  # [16 cells, 16 channels]
+    distances = torch.cdist(cells, cells) + torch.eye(16)
+    assert distances.min() > 1e-4  # no two cells alike
+    released = tiny_stage_c(kernel_size=1).eval()
+    _perturb_out(released)
+    with torch.no_grad():
+        eps = released(x, torch.full((1,), 0.5), torch.randn(1, 77, 64))
+    assert torch.allclose(eps[0], eps[0, :, :1, :1].expand(16, 4, 4), atol=1e-5)
+
+
+def test_dit_prior_gradient_reaches_every_parameter_and_text_matters():
+    model = tiny_stage_c(architecture="dit", dropout=0.1)
+    _perturb_dit(model)
+    x, r = torch.randn(2, 16, 3, 5), torch.rand(2)
+    eps = model(x, r, torch.randn(2, 77, 64))
+    eps.square().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not missing, missing
+    model.eval()
+    with torch.no_grad():
+        assert not torch.allclose(model(x, r, torch.randn(2, 77, 64)), model(x, r, torch.randn(2, 77, 64)))
+
+
+def test_dit_prior_config_is_validated_and_not_exported_to_diffusers():
+    from lit_wuerstchen.interop.keymaps import InteropError, prior_config_to_diffusers
+
+    with pytest.raises(ValueError, match="architecture"):
+        PriorConfig(architecture="unet")
+    with pytest.raises(InteropError, match="architecture 'dit'"):
+        prior_config_to_diffusers(PriorConfig(architecture="dit"))

@@ -68,6 +68,11 @@ def prior_key_map(config: PriorConfig) -> dict[str, str]:
 
 
 def prior_config_to_diffusers(config: PriorConfig) -> dict:
+    if config.architecture != "wuerstchen":
+        raise InteropError(
+            f"diffusers' WuerstchenPrior has the released blocks; this prior is architecture {config.architecture!r} "
+            f"(no diffusers class holds it: sample it with lit_wuerstchen)"
+        )
     if config.kernel_size != 3:
         raise InteropError(f"WuerstchenPrior has 3x3 depthwise convs; this prior has kernel_size {config.kernel_size}")
     return {

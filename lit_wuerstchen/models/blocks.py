@@ -141,6 +141,54 @@ class AttnBlock(nn.Module):
         return x + out.transpose(1, 2).reshape(x.shape)
 
 
+class DiTBlock(nn.Module):
+    """Transformer block over image tokens (Peebles & Xie 2023): self-attention, cross-attention to the text tokens
+    and an MLP, each a pre-norm residual branch whose norm is shifted and scaled and whose output is gated by the
+    noise-level embedding (adaLN-zero: the modulation starts at zero, so the block starts as the identity).
+
+    Tokens are ``[B, N, C]``; the MLP has the ResBlock's layout without GRN (``mlp.0`` and ``mlp.4`` are its linears,
+    as LoRA's default targets name them).
+    """
+
+    def __init__(self, channels: int, num_heads: int, mlp_ratio: int = 4, dropout: float = 0.0):
+        super().__init__()
+        self.norms = nn.ModuleList(nn.LayerNorm(channels, elementwise_affine=False, eps=1e-6) for _ in range(3))
+        self.self_attention = Attention(channels, num_heads, dropout)
+        self.cross_attention = Attention(channels, num_heads, dropout)
+        hidden = channels * mlp_ratio
+        self.mlp = nn.Sequential(
+            nn.Linear(channels, hidden), nn.GELU(approximate="tanh"), nn.Identity(), nn.Dropout(dropout),
+            nn.Linear(hidden, channels),
+        )  # fmt: skip
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(channels, 9 * channels))
+        nn.init.zeros_(self.modulation[1].weight)
+        nn.init.zeros_(self.modulation[1].bias)
+
+    def forward(self, tokens: torch.Tensor, condition: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """``tokens`` [B, N, C], ``condition`` (the noise-level embedding) [B, C], ``text`` [B, L, C]."""
+        shift, scale, gate = (m.chunk(3, dim=-1) for m in self.modulation(condition)[:, None].chunk(3, dim=-1))
+        h = self.norms[0](tokens) * (1 + scale[0]) + shift[0]
+        tokens = tokens + gate[0] * self.self_attention(h, h)
+        h = self.norms[1](tokens) * (1 + scale[1]) + shift[1]
+        tokens = tokens + gate[1] * self.cross_attention(h, text)
+        h = self.norms[2](tokens) * (1 + scale[2]) + shift[2]
+        return tokens + gate[2] * self.mlp(h)
+
+
+def position_embedding_2d(height: int, width: int, channels: int, device=None) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embedding ``[height * width, channels]`` (row-major cells): a quarter of the
+    channels each for sin and cos of the row and of the column, at frequencies ``1 / 100 ** (i / (q - 1))``."""
+    quarter = channels // 4
+    frequencies = 1.0 / 100.0 ** (torch.arange(quarter, device=device, dtype=torch.float32) / max(quarter - 1, 1))
+    rows = torch.arange(height, device=device, dtype=torch.float32).repeat_interleave(width)
+    cols = torch.arange(width, device=device, dtype=torch.float32).repeat(height)
+    parts = []
+    for grid in (rows, cols):
+        angles = grid[:, None] * frequencies[None, :]
+        parts += [angles.sin(), angles.cos()]
+    return F.pad(torch.cat(parts, dim=1), (0, channels - 4 * quarter))
+
+
 def timestep_embedding(r: torch.Tensor, dim: int, max_positions: int = 10000) -> torch.Tensor:
     """Sinusoidal embedding of the continuous noise level ``r`` in [0, 1] (of ``r * max_positions``).
 

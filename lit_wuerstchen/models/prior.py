@@ -10,16 +10,33 @@ prediction is ``x_t`` itself ("starts as identity", which the paper found more s
 
 Released v2 config (the default): c=1536, depth 32, 24 heads, text = CLIP ViT-bigG-14 hidden states (1280).
 Paper config: c=1280, depth 16, 16 heads, text = CLIP ViT-H-14 (1024).
+
+``architecture: dit`` replaces the blocks with transformer blocks (:class:`~.blocks.DiTBlock`: every latent cell a
+token with a fixed 2-D sine-cosine position, text by cross-attention, the noise level by adaLN-zero) and the output
+head with a direct noise estimate. The released blocks see a cell's place only through the zero padding of their
+depthwise convs; at the toy scale (4x4 and 8x8 latents) a prior built from them does not learn where a caption puts
+the shape within the demo's budget, where this one does (docs/toy_alignment.md).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
-from .blocks import AttnBlock, LayerNorm2d, ResBlock, TimestepBlock, timestep_embedding
+from .blocks import (
+    AttnBlock,
+    DiTBlock,
+    LayerNorm2d,
+    ResBlock,
+    TimestepBlock,
+    position_embedding_2d,
+    timestep_embedding,
+)
+
+ARCHITECTURES = ("wuerstchen", "dit")
 
 
 @dataclass
@@ -37,8 +54,13 @@ class PriorConfig:
     r_embedding_dim: int = 64
     dropout: float = 0.1
     kernel_size: int = 3
+    """The ResBlocks' depthwise conv (``architecture: wuerstchen``)."""
+    architecture: Literal["wuerstchen", "dit"] = "wuerstchen"
+    """"wuerstchen": the released v2 blocks; "dit": transformer blocks with 2-D positions (the module docstring)."""
 
     def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"prior architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
         for name in ("latent_channels", "width", "depth", "heads", "text_channels", "r_embedding_dim", "kernel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"prior {name} must be positive, got {getattr(self, name)}")
@@ -69,6 +91,9 @@ class Prior(nn.Module):
             nn.Linear(width, width),
         )
         self.blocks = nn.ModuleList()
+        if config.architecture == "dit":
+            self._build_dit(config)
+            return
         for _ in range(config.depth):
             self.blocks.append(ResBlock(width, kernel_size=config.kernel_size, dropout=config.dropout, grn=True))
             self.blocks.append(TimestepBlock(width, config.r_embedding_dim))
@@ -80,6 +105,19 @@ class Prior(nn.Module):
             nn.Conv2d(width, config.latent_channels * 2, kernel_size=1),
         )
         self.reset_parameters()
+
+    def _build_dit(self, config: PriorConfig) -> None:
+        """Transformer blocks, a noise-level MLP and an adaLN-modulated output layer (PyTorch's default init, the
+        modulations and the output at zero: the network starts by predicting zero noise)."""
+        width = config.width
+        self.time_mapper = nn.Sequential(nn.Linear(config.r_embedding_dim, width), nn.SiLU(), nn.Linear(width, width))
+        self.blocks.extend(DiTBlock(width, config.heads, dropout=config.dropout) for _ in range(config.depth))
+        self.out_norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.out_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.out = nn.Linear(width, config.latent_channels)
+        for layer in (self.out_modulation[1], self.out):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
     def reset_parameters(self) -> None:
         """Initialisation of the released Würstchen prior, ending in the identity start.
@@ -118,6 +156,8 @@ class Prior(nn.Module):
             r = r.expand(x_t.shape[0])
         r_embed = timestep_embedding(r, self.r_embedding_dim).to(x_t.dtype)
         cond = self.text_mapper(text.to(x_t.dtype))
+        if self.config.architecture == "dit":
+            return self._forward_dit(x_t, r_embed, cond)
         x = self.embedding(x_t)
         for block in self.blocks:
             if isinstance(block, TimestepBlock):
@@ -128,3 +168,14 @@ class Prior(nn.Module):
                 x = block(x)
         a, b = self.out(x).chunk(2, dim=1)
         return (x_t - a) / ((1 - b).abs() + 1e-5)
+
+    def _forward_dit(self, x_t: torch.Tensor, r_embed: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x_t.shape
+        tokens = self.embedding(x_t).flatten(2).transpose(1, 2)
+        tokens = tokens + position_embedding_2d(height, width, self.width, device=x_t.device).to(tokens.dtype)
+        condition = self.time_mapper(r_embed)
+        for block in self.blocks:
+            tokens = block(tokens, condition, text)
+        shift, scale = self.out_modulation(condition)[:, None].chunk(2, dim=-1)
+        eps = self.out(self.out_norm(tokens) * (1 + scale) + shift)
+        return eps.transpose(1, 2).reshape(batch, channels, height, width)
