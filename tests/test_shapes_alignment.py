@@ -90,3 +90,72 @@ def test_unparseable_prompts_are_skipped():
     assert scores["all"] == 1.0
     empty = shapes_alignment(x[:1], ["nonsense"])
     assert empty["count"] == 0 and empty["skipped"] == 1 and empty["all"] == 0.0
+
+
+# --- the metric against an independent reading (benchmarks/alignment_check.py) ---------------------------------------
+def _alignment_check():
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("alignment_check", REPO / "benchmarks" / "alignment_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _with_one_wrong_attribute(attrs: dict, rng: np.random.Generator) -> tuple[dict, str]:
+    """The attributes with one of them replaced by another valid value (the caption a wrong image would have)."""
+    from lit_wuerstchen.data.shapes import POSITIONS, SHAPES, SIZES
+
+    choices = {"shape": SHAPES, "colour": tuple(PALETTE), "background": tuple(PALETTE), "size": tuple(SIZES),
+               "position": POSITIONS}  # fmt: skip
+    name = ("shape", "colour", "background", "size", "position")[int(rng.integers(5))]
+    forbidden = {attrs[name], attrs["background"] if name == "colour" else attrs["colour"]}
+    options = [value for value in choices[name] if value not in forbidden]
+    return {**attrs, name: options[int(rng.integers(len(options)))]}, name
+
+
+def test_metric_agrees_with_an_independent_reading():
+    """On true images both readers find every attribute; on captions with one attribute deliberately wrong both find
+    exactly that one wrong; and each image gets the same verdict from both (agreement per attribute)."""
+    check = _alignment_check()
+    rng = np.random.default_rng(2027)  # not the dataset's seeds
+    images, true_prompts, wrong_prompts, wrong_names = [], [], [], []
+    for _ in range(200):
+        img, attrs = render_sample(rng, 64)
+        wrong, name = _with_one_wrong_attribute(attrs, rng)
+        images.append(img)
+        true_prompts.append(make_caption(attrs))
+        wrong_prompts.append(make_caption(wrong))
+        wrong_names.append(name)
+
+    right = check.compare(images, true_prompts)
+    for reader in ("metric", "independent"):
+        assert min(right[reader].values()) >= 0.98, (reader, right)
+    assert min(right["agreement"].values()) >= 0.98, right
+
+    from lit_wuerstchen.data.shapes import parse_caption
+
+    for reader in (analyse_shapes_image, check.read_shapes_image):
+        caught = 0
+        for image, prompt, name in zip(images, wrong_prompts, wrong_names):
+            got, want = reader(image), parse_caption(prompt)
+            misses = {k for k in check.ATTRIBUTES if got[k] != want[k]}
+            caught += misses == {name}
+        assert caught / len(images) >= 0.97, (reader.__name__, caught)
+    wrong = check.compare(images, wrong_prompts)
+    assert min(wrong["agreement"].values()) >= 0.98, wrong
+    for name in check.ATTRIBUTES:  # a fifth of the captions got this attribute wrong
+        assert 0.7 <= wrong["metric"][name] <= 0.9, wrong
+
+
+def test_metric_and_independent_reading_agree_on_blurred_noisy_images():
+    """Images degraded as generated ones are (blur, noise): both readers still agree on most verdicts."""
+    check = _alignment_check()
+    x, prompts = _ground_truth(64, n=150, seed=2028)
+    degraded = (_corrupt(x, sigma=1.0, noise=0.05) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    result = check.compare(list(degraded), prompts)
+    for name in ("background", "colour", "position", "size"):
+        assert result["agreement"][name] >= 0.9, result
+    assert result["agreement"]["shape"] >= 0.8, result
