@@ -515,7 +515,7 @@ def run_train(args) -> None:
     parameters = sum(p.numel() for p in stage.prior.parameters())
     data = InMemoryData(train_targets, train.text, train.captions, args.batch_size, seed=args.seed)
     ema = EMA(decay=args.ema, start_step=args.ema_start)
-    probe = train_probe(stage.normalise_with(train_targets), train.labels)
+    probe = train_probe(stage.normalise_with(train_targets), train.labels, args.probe_steps)
     curve = LearningCurve(ema, probe, val, val_targets, args) if args.eval_every else None
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_steps=args.steps, callbacks=[ema] + ([curve] if curve else []), logger=False,
@@ -592,7 +592,7 @@ def run_sdedit(args) -> None:
     stage = build_stage(args)
     train, val = load_data(args, stage)
     restore(args, stage, args.ckpt)
-    probe = train_probe(stage.normalise(targets_of(train, "semantic")), train.labels)
+    probe = train_probe(stage.normalise(targets_of(train, "semantic")), train.labels, args.probe_steps)
     count = min(args.eval_prompts, len(val))
     x0 = stage.normalise(val.semantic[:count])
     full = SamplingConfig(t_list="stage_c_default").resolved_t_list()
@@ -621,7 +621,7 @@ def run_sampling(args) -> None:
     stage = build_stage(args)
     train, val = load_data(args, stage)
     restore(args, stage, args.ckpt)
-    probe = train_probe(stage.normalise(targets_of(train, args.target)), train.labels)
+    probe = train_probe(stage.normalise(targets_of(train, args.target)), train.labels, args.probe_steps)
     result = {"experiment": "sampling", "ckpt": args.ckpt, "sampler": args.sampler, "steps": args.sample_steps}
     result.update(score(args, stage, val, probe, targets_of(val, args.target)))
     record(args, result)
@@ -809,6 +809,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
     parser.add_argument("--sample_steps", type=int, default=0, help="0: the 29-step Stage C list, else linear")
     parser.add_argument("--eval_prompts", type=int, default=256)
+    parser.add_argument("--probe_steps", type=int, default=3000, help="training steps of the attribute probe")
     parser.add_argument("--eval_every", type=int, default=0, help="probe the samples every N steps (a curve)")
     parser.add_argument("--no_decode", dest="decode", action="store_false", help="probe scores only")
     parser.add_argument("--ckpt", help="a prior.pt written by `train` (sdedit, sampling)")
