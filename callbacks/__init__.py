@@ -1,7 +1,9 @@
 """Lightning callbacks of lit_wuerstchen (installed as ``lit_wuerstchen.callbacks``): EMA of the trained networks,
-image logging, how a run ends (finished, preempted, crashed), evaluation (FID, CLIP score, shapes alignment),
-performance monitoring (``perf/``: throughput, TFLOP/s and MFU, peak memory, data wait) and the prediction writer."""
+checkpoints, image logging, how a run ends (finished, preempted, crashed), evaluation (FID, CLIP score, shapes
+alignment), performance monitoring (``perf/``: throughput, TFLOP/s and MFU, peak memory, data wait) and the prediction
+writer."""
 
+from .checkpoint import ModelCheckpoint
 from .ema import EMA
 from .evaluation import CLIPScoreEvaluation, FIDEvaluation
 from .image_logger import ImageLogger
@@ -15,6 +17,7 @@ __all__ = [
     "CLIPScoreEvaluation",
     "FIDEvaluation",
     "ImageLogger",
+    "ModelCheckpoint",
     "PerfMonitor",
     "RunLifecycle",
     "SampleWriter",

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import lightning as L
 from jsonargparse import set_parsing_settings
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from .callbacks import EMA, ImageLogger, PerfMonitor, RunLifecycle
+from .callbacks import EMA, ImageLogger, ModelCheckpoint, PerfMonitor, RunLifecycle
 from .data import ShardDataModule
 from .data.cli import main as data_main
 from .data.precompute import add_arguments as add_precompute_arguments

@@ -115,3 +115,27 @@ def test_image_logger_grid_and_files(shapes_dir, tmp_path):
     assert images == ["train_step0000002.png", "val_step0000003.png"]
     grid = ImageLogger.make_grid({"a": torch.zeros(4, 3, 8, 8), "b": torch.ones(4, 3, 4, 4)})
     assert grid.shape == (3, 2 * 8 + 3 * 2, 4 * 8 + 5 * 2)  # two rows of four, resized to the largest entry
+
+
+def test_last_checkpoint_holds_the_final_step_when_max_steps_is_off_the_interval(shapes_dir, tmp_path):
+    """every_n_train_steps=3, max_steps=7: Lightning's own callback leaves last.ckpt at step 6; ours at step 7, and
+    a second run stopping on the interval (step 6) saves once, at 6."""
+    from lit_wuerstchen.callbacks import ModelCheckpoint
+    from lit_wuerstchen.cli import NAMED_CALLBACKS
+
+    assert NAMED_CALLBACKS["checkpoint"] is ModelCheckpoint  # what every `fit` uses
+    for name, callback_class, max_steps, expected in (
+        ("lightning", L.pytorch.callbacks.ModelCheckpoint, 7, 6),
+        ("ours", ModelCheckpoint, 7, 7),
+        ("ours_on_interval", ModelCheckpoint, 6, 6),
+    ):
+        folder = tmp_path / name
+        callback = callback_class(dirpath=folder, every_n_train_steps=3, save_last=True, save_top_k=-1)
+        torch.manual_seed(1)
+        trainer(max_steps=max_steps, limit_val_batches=0, callbacks=[callback], enable_checkpointing=True).fit(
+            tiny_stage_a(), datamodule=datamodule(shapes_dir, batches=max_steps)
+        )
+        assert read_checkpoint(folder / "last.ckpt")["global_step"] == expected, name
+        assert sorted(p.name for p in folder.iterdir() if p.name != "last.ckpt") == [
+            f"epoch=0-step={step}.ckpt" for step in range(3, max_steps + 1, 3)
+        ], name
