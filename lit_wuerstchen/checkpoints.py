@@ -380,7 +380,12 @@ def load_text_encoder(config: TextEncoderConfig) -> TextEncoder:
             state[name] = value
     if not state:
         raise CheckpointError(f"{weights_file} holds no text-tower weights for {config.model_name!r}")
-    open_clip.model.resize_text_pos_embed(state, encoder.text)
+    try:  # open_clip interpolates another context length; another width it refuses with a bare assert
+        open_clip.model.resize_text_pos_embed(state, encoder.text)
+    except AssertionError as error:
+        raise CheckpointError(
+            f"{weights_file}: the {config.model_name} text tower weights do not match its config ({error or 'shape'})"
+        ) from None
     load_weights(encoder.text, state, weights_file, f"{config.model_name} text tower")
     return encoder
 

@@ -85,7 +85,7 @@ def test_help_at_every_level(args, capsys):
 
 
 def test_top_level_help_lists_every_command(capsys):
-    main(["--help"])
+    assert main(["--help"]) == 0
     out = capsys.readouterr().out
     for command in ("fit", "validate", "test", "predict", "data"):
         assert f"  {command}" in out

@@ -57,5 +57,6 @@ def test_no_generic_top_level_callbacks_package_is_installed():
     code = "import importlib.util, sys; sys.path = [p for p in sys.path if p not in ('', '.')]; "
     code += "print(importlib.util.find_spec('callbacks'))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "None", result.stdout
     assert lit_wuerstchen.callbacks.__name__ == "lit_wuerstchen.callbacks"

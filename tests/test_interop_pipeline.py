@@ -215,7 +215,7 @@ def test_fine_tune_a_converted_release_with_lora_and_sample_it_in_diffusers(expo
     assert main(["convert", "--stage", "B", "--source", str(out / "decoder"), "--out", str(v2 / "stage_b.ckpt")]) == 0
     args = ["convert", "--stage", "C", "--source", str(out / "prior"), "--out", str(v2 / "stage_c.ckpt")]
     assert main(args + ["--stage_b", str(v2 / "stage_b.ckpt")]) == 0
-    main(
+    code = main(
         [
             "fit",
             "-c",
@@ -231,6 +231,7 @@ def test_fine_tune_a_converted_release_with_lora_and_sample_it_in_diffusers(expo
             *toy_data_args(shapes_dir),
         ]
     )
+    assert code == 0
     lora = in_tmp_cwd / "outputs" / "finetune_stage_c" / "lora" / "checkpoints" / "last.ckpt"
     base_prior = load_pipeline(v2 / "stage_c.ckpt").prior
     ours = load_pipeline(lora)

@@ -263,7 +263,7 @@ def test_finetune_configs_parse(name, capsys):
 
 def test_cli_lora_fit_adopts_the_init_network(shapes_dir, stage_b_checkpoint, base_c, in_tmp_cwd, caplog):
     caplog.set_level("INFO")
-    main(
+    code = main(
         [
             "fit",
             "-c",
@@ -280,6 +280,7 @@ def test_cli_lora_fit_adopts_the_init_network(shapes_dir, stage_b_checkpoint, ba
             *toy_data_args(shapes_dir),
         ]
     )
+    assert code == 0
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("LoRA rank 2: "))
     trainable, total = (int(n.replace(",", "")) for n in re.findall(r"[\d,]+(?= trainable| parameters)", line))
     assert total - trainable == sum(p.numel() for p in load_prior(base_c).parameters())  # the base prior, adopted

@@ -99,13 +99,13 @@ TOY_FIT = ["fit", "-c", "experiments/stage_a.yaml", "-c", "experiments/toy/stage
 
 
 def test_cli_fast_dev_run(shapes_dir, in_tmp_cwd):
-    main([*TOY_FIT, "--trainer.fast_dev_run=2", *toy_data_args(shapes_dir)])
+    assert main([*TOY_FIT, "--trainer.fast_dev_run=2", *toy_data_args(shapes_dir)]) == 0
 
 
 def test_cli_fit_saves_config_checkpoints_and_images(shapes_dir, in_tmp_cwd):
     override = in_tmp_cwd / "often.yaml"
     override.write_text("image_logger:\n  every_n_steps: 2\n")  # one value of a named callback group
-    main(
+    code = main(
         [
             *TOY_FIT,
             "-c",
@@ -119,6 +119,7 @@ def test_cli_fit_saves_config_checkpoints_and_images(shapes_dir, in_tmp_cwd):
             *toy_data_args(shapes_dir),
         ]
     )
+    assert code == 0
     run = in_tmp_cwd / "outputs" / "toy_stage_a" / "test"
     assert (run / "config.yaml").is_file()
     assert (run / "checkpoints" / "last.ckpt").is_file()

@@ -131,7 +131,7 @@ def test_checkpoint_loads_for_downstream_stages(shapes_dir, stage_a_checkpoint, 
 
 
 def test_cli_fast_dev_run(shapes_dir, stage_a_checkpoint, in_tmp_cwd):
-    main(
+    code = main(
         [
             "fit",
             "-c",
@@ -144,3 +144,4 @@ def test_cli_fast_dev_run(shapes_dir, stage_a_checkpoint, in_tmp_cwd):
             *toy_data_args(shapes_dir),
         ]
     )
+    assert code == 0

@@ -226,7 +226,7 @@ def test_validation_logs_alignment_scores(shapes_dir, stage_b_checkpoint):
 
 
 def test_cli_fast_dev_run(shapes_dir, stage_b_checkpoint, in_tmp_cwd):
-    main(
+    code = main(
         [
             "fit",
             "-c",
@@ -241,6 +241,7 @@ def test_cli_fast_dev_run(shapes_dir, stage_b_checkpoint, in_tmp_cwd):
             *toy_data_args(shapes_dir),
         ]
     )
+    assert code == 0
 
 
 def test_validation_sampling_leaves_the_prior_trainable(stage_b_checkpoint, shapes_dir):

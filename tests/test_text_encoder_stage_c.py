@@ -18,7 +18,8 @@ H14_TAG = "_".join(["laion2b", "s32b", "b79k"])
 
 @pytest.fixture(scope="module")
 def tiny() -> TextEncoder:
-    torch.manual_seed(0)
+    # not checkpoints.RANDOM_TEXT_ENCODER_SEED (0): a loader that ignored its file would otherwise build these weights
+    torch.manual_seed(2719)
     return TextEncoder(TextEncoderConfig(TINY_MODEL_NAME, pretrained=None))
 
 
@@ -129,6 +130,22 @@ def test_weights_file_round_trip(tiny, tmp_path):
     loaded = load_text_encoder(TextEncoderConfig(TINY_MODEL_NAME, pretrained=None, weights_file=str(path)))
     for x, y in zip(tiny(PROMPTS), loaded(PROMPTS)):
         torch.testing.assert_close(x, y)
+    # the file is what made them equal: the encoder built without it (the fixed random init) differs
+    unloaded = load_text_encoder(TextEncoderConfig(TINY_MODEL_NAME, pretrained=None))
+    assert not torch.allclose(unloaded(PROMPTS)[0], tiny(PROMPTS)[0])
+
+
+def test_a_wrong_weights_file_is_refused_naming_it(tiny, tmp_path):
+    from lit_wuerstchen.errors import CheckpointError
+
+    unrelated = tmp_path / "unrelated.pt"
+    torch.save({"encoder.weight": torch.zeros(3, 3)}, unrelated)
+    with pytest.raises(CheckpointError, match="unrelated.pt holds no text-tower weights"):
+        load_text_encoder(TextEncoderConfig(TINY_MODEL_NAME, pretrained=None, weights_file=str(unrelated)))
+    wrong_shapes = tmp_path / "wider.pt"
+    torch.save({k: torch.zeros(*v.shape[:-1], v.shape[-1] + 1) for k, v in tiny.state_dict().items()}, wrong_shapes)
+    with pytest.raises(CheckpointError, match="wider.pt: the .* weights do not match its config"):
+        load_text_encoder(TextEncoderConfig(TINY_MODEL_NAME, pretrained=None, weights_file=str(wrong_shapes)))
 
 
 def test_cached_tag_loads_offline_from_hf_cache(tiny, empty_hf_cache, monkeypatch):
