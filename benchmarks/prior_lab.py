@@ -525,22 +525,22 @@ def run_train(args) -> None:
     start = time.perf_counter()
     trainer.fit(stage, datamodule=data)
     minutes = (time.perf_counter() - start) / 60
-    ema._swap_in(stage)  # sample the averaged weights, as validation and checkpoints do
-    stage.prior.eval()
-    run_dir = Path(args.out) / folder_name(args.name)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    saved = {"args": vars(args), "shape": tuple(train_targets.shape[1:]), "state": stage.prior.state_dict(),
-             "mean": stage.latent_mean, "std": stage.latent_std}  # fmt: skip
-    torch.save(saved, run_dir / "prior.pt")
-    result = {
-        "experiment": "train", "name": args.name, "target": args.target, "network": args.network,
-        "parameters": parameters, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
-        "train_minutes": round(minutes, 2), "final_loss": round(float(trainer.callback_metrics["train/loss"]), 4),
-    }  # fmt: skip
-    result.update(score(args, stage, val, probe, val_targets))
-    if curve is not None:
-        result["curve"] = curve.points
-    record(args, result)
+    with ema.averaged(stage):  # sample the averaged weights, as validation and checkpoints do
+        stage.prior.eval()
+        run_dir = Path(args.out) / folder_name(args.name)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        saved = {"args": vars(args), "shape": tuple(train_targets.shape[1:]), "state": stage.prior.state_dict(),
+                 "mean": stage.latent_mean, "std": stage.latent_std}  # fmt: skip
+        torch.save(saved, run_dir / "prior.pt")
+        result = {
+            "experiment": "train", "name": args.name, "target": args.target, "network": args.network,
+            "parameters": parameters, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+            "train_minutes": round(minutes, 2), "final_loss": round(float(trainer.callback_metrics["train/loss"]), 4),
+        }  # fmt: skip
+        result.update(score(args, stage, val, probe, val_targets))
+        if curve is not None:
+            result["curve"] = curve.points
+        record(args, result)
 
 
 class LearningCurve(L.Callback):
@@ -555,17 +555,16 @@ class LearningCurve(L.Callback):
         if step % self.args.eval_every:
             return
         count = min(self.args.eval_prompts, len(self.val))
-        self.ema._swap_in(pl_module)
-        pl_module.prior.eval()
-        try:
-            sampling = sampling_from(self.args, self.args.guidance[0])
-            generated = generate(
-                pl_module, self.val.text[:count], self.val_targets.shape[-2:], sampling, self.args.seed
-            )
-            scores = probe_scores(self.probe, generated, self.val.labels[:count])
-        finally:
-            pl_module.prior.train()
-            self.ema._swap_out(pl_module)
+        with self.ema.averaged(pl_module):
+            pl_module.prior.eval()
+            try:
+                sampling = sampling_from(self.args, self.args.guidance[0])
+                generated = generate(
+                    pl_module, self.val.text[:count], self.val_targets.shape[-2:], sampling, self.args.seed
+                )
+                scores = probe_scores(self.probe, generated, self.val.labels[:count])
+            finally:
+                pl_module.prior.train()
         self.points.append({"step": step, **{k: round(v, 3) for k, v in scores.items()}})
         log(f"step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in scores.items()))
 

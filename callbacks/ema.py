@@ -14,6 +14,9 @@ Stage C with ViT-bigG another 0.7B parameters in memory), swaps the average in f
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -136,6 +139,24 @@ class EMA(Callback):
             return
         self._load(pl_module, self._backup)
         self._backup = None
+
+    @property
+    def swapped_in(self) -> bool:
+        """Whether the module holds the averaged weights now (validation, testing, prediction, ``averaged``)."""
+        return self._backup is not None
+
+    @contextmanager
+    def averaged(self, pl_module: LightningModule) -> Iterator[None]:
+        """The averaged weights in ``pl_module`` for the block, the trained ones back after it. Inside validation
+        (already swapped in) it changes nothing, so callbacks can use it wherever they run."""
+        if self.swapped_in:
+            yield
+            return
+        self._swap_in(pl_module)
+        try:
+            yield
+        finally:
+            self._swap_out(pl_module)
 
     def _swap_in_hook(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._swap_in(pl_module)

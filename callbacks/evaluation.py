@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -251,18 +252,14 @@ class GenerativeEvaluation(Callback):
 
     def _run(self, trainer: Trainer, pl_module: LightningModule, in_validation: bool) -> float | None:
         ema = _find_ema(trainer)
-        swapped = ema is not None and getattr(ema, "_backup", None) is None  # validate() may have swapped already
         was_training = pl_module.training
-        if swapped:
-            ema._swap_in(pl_module)
-        pl_module.eval()
-        try:
-            with torch.no_grad():
-                local = self._generate(trainer, pl_module)
-        finally:
-            pl_module.train(was_training)
-            if swapped:
-                ema._swap_out(pl_module)
+        with ema.averaged(pl_module) if ema is not None else nullcontext():
+            pl_module.eval()
+            try:
+                with torch.no_grad():
+                    local = self._generate(trainer, pl_module)
+            finally:
+                pl_module.train(was_training)
         keys = self.gather_keys()
         gathered = {}
         for key in keys:

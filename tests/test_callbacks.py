@@ -139,3 +139,26 @@ def test_last_checkpoint_holds_the_final_step_when_max_steps_is_off_the_interval
         assert sorted(p.name for p in folder.iterdir() if p.name != "last.ckpt") == [
             f"epoch=0-step={step}.ckpt" for step in range(3, max_steps + 1, 3)
         ], name
+
+
+def test_ema_averaged_swaps_in_and_back_and_is_a_no_op_when_already_swapped():
+    module, fake = _Holder(), _FakeTrainer()
+    ema = EMA(decay=0.5)
+    for step, value in ((1, 2.0), (2, 6.0)):  # average: 2, then 0.5 * 2 + 0.5 * 6 = 4
+        with torch.no_grad():
+            module.net.weight.fill_(value)
+        fake.global_step = step
+        ema.on_train_batch_end(fake, module, None, None, step)
+    assert not ema.swapped_in
+    with ema.averaged(module):
+        assert ema.swapped_in and module.net.weight[0, 0].item() == 4.0
+        with ema.averaged(module):  # nested (an evaluation inside validation): nothing more happens
+            assert module.net.weight[0, 0].item() == 4.0
+        assert ema.swapped_in and module.net.weight[0, 0].item() == 4.0
+    assert not ema.swapped_in and module.net.weight[0, 0].item() == 6.0
+    try:
+        with ema.averaged(module):
+            raise RuntimeError("a failing evaluation")
+    except RuntimeError:
+        pass
+    assert not ema.swapped_in and module.net.weight[0, 0].item() == 6.0  # the trained weights are back
