@@ -145,3 +145,45 @@ def test_cli_fast_dev_run(shapes_dir, stage_a_checkpoint, in_tmp_cwd):
         ]
     )
     assert code == 0
+
+
+def test_gradient_norm_is_computed_once_per_step_and_clips_as_lightning_does(
+    shapes_dir, stage_a_checkpoint, monkeypatch
+):
+    """The finiteness check's norm is reused by the clipping: one get_total_norm per step, and the trained weights
+    equal those of Lightning's own clipping (which computes the norm a second time)."""
+    from lit_wuerstchen.stages.base import Stage
+
+    def fit(steps: int = 3) -> dict[str, torch.Tensor]:
+        torch.manual_seed(11)
+        model = tiny_stage_b(stage_a_checkpoint, optimizer=OptimizerConfig(lr=2e-3, warmup_steps=0, grad_clip=1e-3))
+        trainer(max_steps=steps, limit_val_batches=0).fit(model, datamodule=datamodule(shapes_dir, batches=steps))
+        return {k: v.clone() for k, v in model.decoder.state_dict().items()}
+
+    norms, lightning_clips = [], []
+    total_norm, clip_gradients = torch.nn.utils.get_total_norm, Stage.clip_gradients
+
+    def counting_norm(*args, **kwargs):
+        norms.append(1)
+        return total_norm(*args, **kwargs)
+
+    def counting_clip(self, *args, **kwargs):  # Lightning's clipping computes the norm again (clip_grad_norm_)
+        lightning_clips.append(1)
+        return clip_gradients(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "get_total_norm", counting_norm)
+    monkeypatch.setattr(Stage, "clip_gradients", counting_clip)
+    reused = fit()
+    assert (len(norms), len(lightning_clips)) == (3, 0)
+
+    def lightning_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        self._gradient_norm = None
+        clip = self.optimizer_config.grad_clip
+        self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+
+    monkeypatch.setattr(Stage, "configure_gradient_clipping", lightning_clipping)
+    norms.clear()
+    reference = fit()
+    assert (len(norms), len(lightning_clips)) == (3, 3)
+    for key, value in reference.items():
+        assert torch.equal(reused[key], value), key

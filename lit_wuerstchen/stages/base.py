@@ -121,6 +121,8 @@ class Stage(L.LightningModule):
         self.register_load_state_dict_pre_hook(_frozen_load_state_dict_hook)
         self.skipped_steps = 0  # bad steps skipped so far (kept in the checkpoint record: survives a resume)
         self._last_loss: torch.Tensor | None = None
+        # this step's gradient norm from the finiteness check, reused by the clipping (one norm per step, not two)
+        self._gradient_norm: torch.Tensor | None = None
         self._logged_counts: dict[str, float] = {}  # last value logged per cumulative counter
         self._lora_base: dict[str, frozenset[str]] = {}  # per LoRA-adapted network: its frozen base's keys
         self._frozen_saved_state: dict[str, dict[str, torch.Tensor]] = {}  # float32 weights of bf16 frozen parts
@@ -230,10 +232,16 @@ class Stage(L.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         clip = gradient_clip_val if gradient_clip_val is not None else self.optimizer_config.grad_clip
-        if clip:
-            self.clip_gradients(
-                optimizer, gradient_clip_val=clip, gradient_clip_algorithm=gradient_clip_algorithm or "norm"
-            )
+        algorithm = gradient_clip_algorithm or "norm"
+        norm, self._gradient_norm = self._gradient_norm, None
+        if not clip:
+            return
+        if norm is not None and algorithm == "norm":
+            # what clip_grad_norm_ does, with the norm on_before_optimizer_step computed over the same parameters
+            parameters = [p for group in optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grads_with_norm_(parameters, clip, norm)
+        else:  # fp16 (the scaler must unscale first) or clipping by value: Lightning's way
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm=algorithm)
 
     # --- divergence -----------------------------------------------------------------------------------------------
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -242,6 +250,7 @@ class Stage(L.LightningModule):
             if not self.gradients_are_finite(parameters):
                 for p in parameters:
                     p.grad = None  # AdamW leaves parameters without a gradient alone: the step is skipped
+                self._gradient_norm = None
 
     def gradients_are_finite(self, parameters: list[nn.Parameter]) -> bool:
         """Whether this step's gradients are finite on every rank (one host sync per step: the price of stopping
@@ -256,6 +265,7 @@ class Stage(L.LightningModule):
         if not gradients:
             return True
         norm = torch.nn.utils.get_total_norm(gradients)
+        self._gradient_norm = norm
         if self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(norm)), all=True):
             return True
         self.skipped_steps += 1
