@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO
+from helpers import REPO
 from torch import nn
 
 from lit_wuerstchen.diffusion import Diffusion, DiffusionConfig

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import datamodule, tiny_stage_b, toy_data_args, trainer
+from helpers import datamodule, tiny_stage_b, toy_data_args, trainer
 
 from lit_wuerstchen.cli import main
 from lit_wuerstchen.data import iter_shard

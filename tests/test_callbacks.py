@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from conftest import datamodule, tiny_stage_a, trainer
+from helpers import datamodule, tiny_stage_a, trainer
 from torch import nn
 
 from lit_wuerstchen.callbacks import EMA, ImageLogger

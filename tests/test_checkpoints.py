@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_stage_b, toy_data_args
+from helpers import tiny_stage_b, toy_data_args
 
 from lit_wuerstchen.checkpoints import (
     CheckpointError,

@@ -12,7 +12,7 @@ import lightning as L
 import pytest
 import torch
 import torch._dynamo
-from conftest import datamodule, tiny_stage_b, trainer
+from helpers import datamodule, tiny_stage_b, trainer
 from test_stage_c import FAST_DECODER, FAST_PRIOR, TINY_TEXT
 from torch._dynamo.utils import counters
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import datamodule, tiny_stage_a, trainer
+from helpers import datamodule, tiny_stage_a, trainer
 
 
 @pytest.mark.timeout(300)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, datamodule, tiny_stage_a, trainer
+from helpers import REPO, datamodule, tiny_stage_a, trainer
 from lightning.pytorch.loggers import Logger
 from PIL import Image
 

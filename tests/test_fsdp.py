@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import REPO, datamodule, tiny_stage_b, trainer
+from helpers import REPO, datamodule, tiny_stage_b, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from test_stage_c import tiny_stage_c
 

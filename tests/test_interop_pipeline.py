@@ -205,7 +205,7 @@ def test_export_of_a_model_without_decoder_text_is_refused(tmp_path, capsys):
 def test_fine_tune_a_converted_release_with_lora_and_sample_it_in_diffusers(exported, shapes_dir, in_tmp_cwd):
     """The README's path at toy size: released weights (here: our tiny export) -> convert -> LoRA fine-tune with
     experiments/finetune/stage_c_from_v2.yaml -> export --format diffusers -> diffusers samples what we sample."""
-    from conftest import toy_data_args
+    from helpers import toy_data_args
 
     from lit_wuerstchen.cli import main
 

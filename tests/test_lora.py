@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import datamodule, tiny_stage_b, toy_data_args, trainer
+from helpers import datamodule, tiny_stage_b, toy_data_args, trainer
 
 from lit_wuerstchen.callbacks import EMA
 from lit_wuerstchen.checkpoints import (

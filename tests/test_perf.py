@@ -8,7 +8,7 @@ import time
 import lightning as L
 import pytest
 import torch
-from conftest import datamodule, tiny_stage_b, trainer
+from helpers import datamodule, tiny_stage_b, trainer
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, Dataset

@@ -8,7 +8,7 @@ import json
 import sys
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 _spec = importlib.util.spec_from_file_location("prior_lab", REPO / "benchmarks" / "prior_lab.py")
 prior_lab = importlib.util.module_from_spec(_spec)

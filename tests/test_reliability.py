@@ -14,7 +14,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, datamodule, tiny_stage_a
+from helpers import TINY, datamodule, tiny_stage_a
 from PIL import Image
 
 from lit_wuerstchen.callbacks import EMA, RunLifecycle

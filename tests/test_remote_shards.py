@@ -8,7 +8,7 @@ import shutil
 import threading
 
 import pytest
-from conftest import tiny_stage_a, trainer
+from helpers import tiny_stage_a, trainer
 
 from lit_wuerstchen.data import ShardDataModule, ShardReadError, iter_shard
 

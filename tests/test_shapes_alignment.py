@@ -96,7 +96,7 @@ def test_unparseable_prompts_are_skipped():
 def _alignment_check():
     import importlib.util
 
-    from conftest import REPO
+    from helpers import REPO
 
     spec = importlib.util.spec_from_file_location("alignment_check", REPO / "benchmarks" / "alignment_check.py")
     module = importlib.util.module_from_spec(spec)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from conftest import TINY, datamodule, tiny_stage_a, toy_data_args, trainer
+from helpers import TINY, datamodule, tiny_stage_a, toy_data_args, trainer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lit_wuerstchen.checkpoints import load_stage_a

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import TINY_COMPRESSOR, TINY_NETWORK, datamodule, tiny_stage_b, toy_data_args, trainer
+from helpers import TINY_COMPRESSOR, TINY_NETWORK, datamodule, tiny_stage_b, toy_data_args, trainer
 
 from lit_wuerstchen.callbacks import EMA
 from lit_wuerstchen.checkpoints import CheckpointError, load_stage_b, read_checkpoint

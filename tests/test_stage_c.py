@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import datamodule, toy_data_args, trainer
+from helpers import datamodule, toy_data_args, trainer
 
 from lit_wuerstchen.callbacks import EMA, SampleWriter, ShapesAlignmentEvaluation
 from lit_wuerstchen.checkpoints import CheckpointError, load_pipeline, load_stage_a, read_checkpoint
