@@ -39,6 +39,7 @@ from lit_wuerstchen.evaluation import features as metric_features
 from lit_wuerstchen.strategies import is_sharded
 
 from .ema import EMA
+from .schedule import EveryNSteps
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ class GenerativeEvaluation(Callback):
         self.batch_size = batch_size
         self.on_validate = on_validate
         self.seed = seed
-        self._last_bucket: int | None = None
+        self._schedule = EveryNSteps(every_n_steps)
 
     # -- to implement -------------------------------------------------------------------------------------------
     def build(self, trainer: Trainer, device: torch.device) -> None:
@@ -152,13 +153,7 @@ class GenerativeEvaluation(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not self.every_n_steps or trainer.global_step <= 0:
-            return
-        bucket = trainer.global_step // self.every_n_steps
-        if self._last_bucket is None:  # first call of this fit (also after a resume): no catch-up run
-            self._last_bucket = (trainer.global_step - 1) // self.every_n_steps
-        if bucket > self._last_bucket:  # crossing a multiple (global_step may grow by >1 per batch: manual GAN steps)
-            self._last_bucket = bucket
+        if self._schedule.due(trainer.global_step):
             self.run(trainer, pl_module)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -12,6 +12,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from lit_wuerstchen.strategies import is_sharded
 
+from .schedule import EveryNSteps
+
 
 class ImageLogger(Callback):
     """Every ``every_n_steps`` training steps, and on the first batch of each validation, log one grid:
@@ -23,6 +25,7 @@ class ImageLogger(Callback):
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
         self.every_n_steps = every_n_steps
+        self._schedule = EveryNSteps(every_n_steps)
         self.on_validation = on_validation
         self.save_png = save_png
 
@@ -61,7 +64,7 @@ class ImageLogger(Callback):
             torchvision.utils.save_image(grid, out / f"{split}_step{trainer.global_step:07d}.png")
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
-        if trainer.global_step % self.every_n_steps == 0:
+        if self._schedule.due(trainer.global_step):
             self._log(trainer, pl_module, batch, "train")
 
     def on_validation_batch_end(

@@ -162,3 +162,16 @@ def test_ema_averaged_swaps_in_and_back_and_is_a_no_op_when_already_swapped():
     except RuntimeError:
         pass
     assert not ema.swapped_in and module.net.weight[0, 0].item() == 6.0  # the trained weights are back
+
+
+def test_every_n_steps_acts_once_per_crossed_multiple():
+    """The rule of the image logger and the evaluations: a standing global_step (gradient accumulation) acts once,
+    a jump over a multiple acts once, a resumed process does not catch up, and N = 0 never acts."""
+    from lit_wuerstchen.callbacks.schedule import EveryNSteps
+
+    schedule = EveryNSteps(3)
+    steps = [1, 2, 3, 3, 3, 4, 5, 7, 8, 9, 9, 13]  # 3 repeated (accumulation), 5 -> 7 and 9 -> 13 jump
+    assert [step for step in steps if schedule.due(step)] == [3, 7, 9, 13]
+    resumed = EveryNSteps(3)  # a run stopped at step 6 (and acted there); the resumed one's first batch is step 7
+    assert [step for step in (7, 8, 9) if resumed.due(step)] == [9]
+    assert not any(EveryNSteps(0).due(step) for step in range(10))
