@@ -21,7 +21,7 @@ the shape within the demo's budget, where this one does (docs/toy_alignment.md).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -36,7 +36,8 @@ from .blocks import (
     timestep_embedding,
 )
 
-ARCHITECTURES = ("wuerstchen", "dit")
+Architecture = Literal["wuerstchen", "dit"]
+ARCHITECTURES = get_args(Architecture)
 
 
 @dataclass
@@ -55,7 +56,7 @@ class PriorConfig:
     dropout: float = 0.1
     kernel_size: int = 3
     """The ResBlocks' depthwise conv (``architecture: wuerstchen``)."""
-    architecture: Literal["wuerstchen", "dit"] = "wuerstchen"
+    architecture: Architecture = "wuerstchen"
     """"wuerstchen": the released v2 blocks; "dit": transformer blocks with 2-D positions (the module docstring)."""
 
     def __post_init__(self) -> None:
