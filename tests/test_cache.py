@@ -11,7 +11,7 @@ from helpers import datamodule, tiny_stage_b, toy_data_args, trainer
 from lit_wuerstchen.cli import main
 from lit_wuerstchen.data import iter_shard
 from lit_wuerstchen.data.cache import MANIFEST, cache_shard_urls, check_models
-from lit_wuerstchen.data.datamodule import ErrorLog, _collate, images_to_tensor
+from lit_wuerstchen.data.decoding import ErrorLog, collate, images_to_tensor
 from lit_wuerstchen.data.precompute import precompute
 from lit_wuerstchen.errors import ConfigError
 from lit_wuerstchen.models import PriorConfig
@@ -41,7 +41,7 @@ def _first_samples(dm, count: int) -> tuple[list, list[str], list[str]]:
             items.append(item)
         if len(items) == count:
             break
-    return [it[0] for it in items], [it[1] for it in items], [it[2] for it in items]
+    return [it.image for it in items], [it.caption for it in items], [it.key for it in items]
 
 
 def _cached_batch(dm, count: int) -> dict:
@@ -52,7 +52,7 @@ def _cached_batch(dm, count: int) -> dict:
         items.append(decoder(sample, errors, None))
         if len(items) == count:
             break
-    batch = _collate(items, errors)
+    batch = collate(items, errors)
     batch.pop("data_errors")
     return batch
 

@@ -1,6 +1,6 @@
 """Data layer: webdataset shards, the synthetic shapes dataset, folder conversion and the DataModule."""
 
-from .datamodule import ShardDataModule, ShardTrainDataset, ShardValDataset, expand_shards
+from .datamodule import ShardDataModule
 from .folder import convert_folder
 from .prompts import PromptDataModule, read_prompts
 from .shapes import (
@@ -15,6 +15,8 @@ from .shapes import (
     render_sample,
 )
 from .shards import ShardReadError, ShardWriter, brace_pattern, encode_png, iter_shard, load_rgb
+from .streams import ShardTrainDataset, ShardValDataset
+from .urls import expand_shards
 
 __all__ = [
     "PALETTE",
