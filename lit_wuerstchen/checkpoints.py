@@ -6,14 +6,14 @@ tensors and plain Python values, never code. A file that cannot be used raises :
 line that names the file and says what was found against what was expected ("... is a Stage A checkpoint; Stage C
 needs a Stage B checkpoint"), never a bare ``EOFError`` or a dump of state-dict keys.
 
-Layout of a stage checkpoint (written by :meth:`lit_wuerstchen.stages.base.Stage.on_save_checkpoint`): Lightning's
-usual dict plus ``checkpoint["lit_wuerstchen"] = {"format": 1, "stage": "A" | "B" | "C", <the configs the loaders
-need, as dicts>}``. The trained networks' weights are under their attribute names in ``state_dict`` (``vqgan.``,
-``decoder.``/``compressor.``, ``prior.``) and, when the EMA callback ran, under the same keys in ``ema_state_dict``;
-frozen parts that must travel with a checkpoint (Stage A inside Stage B, a randomly initialised text encoder inside
-Stage C) are in ``state_dict`` under theirs. A LoRA run's checkpoint (``record["lora"]`` with a rank > 0) holds only
-the adapters of its adapted network under that network's prefix and names its base in ``record["init_checkpoint"]``;
-the loaders build the base, merge the adapters into it and return plain networks (:mod:`lit_wuerstchen.lora`).
+Layout of a stage checkpoint: Lightning's usual dict plus its typed record under ``checkpoint["lit_wuerstchen"]``
+(:mod:`lit_wuerstchen.records`: one dataclass per stage, versioned). The trained networks' weights are under their
+attribute names in ``state_dict`` (``vqgan.``, ``decoder.``/``compressor.``, ``prior.``) and, when the EMA callback
+ran, under the same keys in ``ema_state_dict``; frozen parts that must travel with a checkpoint (Stage A inside Stage
+B, a randomly initialised text encoder inside Stage B or C) are in ``state_dict`` under theirs. A LoRA run's checkpoint
+(``record.lora`` with a rank > 0) holds only the adapters of its adapted network under that network's prefix and names
+its base in ``record.init_checkpoint``; the loaders build the base, merge the adapters into it and return plain
+networks (:mod:`lit_wuerstchen.lora`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import dataclasses
 import json
 import os
 import pickle
-import typing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -35,31 +34,32 @@ import torchvision
 from torch import nn
 
 from .diffusion import DiffusionConfig, SamplingConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, first_line
+from .files import current_umask, replaced_folder
 from .generation import PipelineConfig, WuerstchenPipeline
-from .lora import LoraSettings, merge_lora
+from .lora import merge_lora
 from .models.compressor import CompressorConfig, SemanticCompressor
-from .models.diffnext import DiffNeXt, DiffNeXtConfig
-from .models.prior import Prior, PriorConfig
+from .models.diffnext import DiffNeXt
+from .models.prior import Prior
 from .models.text_encoder import TextEncoder, TextEncoderConfig
-from .models.vqgan import VQGAN, VQGANConfig
+from .models.vqgan import VQGAN
 from .offline import resolve_open_clip_model, torchvision_weights_file
+from .records import (
+    RECORD_KEY,
+    STAGE_NAMES,
+    StageBRecord,
+    StageCRecord,
+    StageRecord,
+    config_from_dict,
+    record_from_dict,
+)
 from .strategies import METADATA_FILE, is_sharded_checkpoint, read_sharded
 
-FORMAT = 1
-RECORD = "lit_wuerstchen"
-STAGE_NAMES = {"A": "Stage A", "B": "Stage B", "C": "Stage C"}
 EXPORT_CONFIG = "pipeline.json"
 EXPORT_PARTS = ("text_encoder", "prior", "decoder", "stage_a")
 
 
 # --- reading files ------------------------------------------------------------------------------------------------
-def _first_line(error: BaseException) -> str:
-    """The gist of a library's error: its first sentence of its first line."""
-    text = str(error).strip()
-    return text.splitlines()[0].split(". ")[0] if text else type(error).__name__
-
-
 def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
     """The dict of a ``torch.save`` file, loaded on the CPU with ``weights_only=True``."""
     path = Path(path)
@@ -73,11 +73,11 @@ def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, An
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         raise CheckpointError(
-            f"{path} holds Python objects that are not loaded for safety (weights_only): {_first_line(error)}"
+            f"{path} holds Python objects that are not loaded for safety (weights_only): {first_line(error)}"
         ) from None
     except Exception as error:
         raise CheckpointError(
-            f"{path} is not a readable checkpoint (truncated or corrupt?): {_first_line(error)}"
+            f"{path} is not a readable checkpoint (truncated or corrupt?): {first_line(error)}"
         ) from None
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
@@ -90,7 +90,7 @@ def _read_sharded_checkpoint(path: Path) -> dict[str, Any]:
         return read_sharded(path)
     except Exception as error:
         raise CheckpointError(
-            f"{path} is not a readable sharded checkpoint (incomplete?): {_first_line(error)}"
+            f"{path} is not a readable sharded checkpoint (incomplete?): {first_line(error)}"
         ) from None
 
 
@@ -104,7 +104,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             return safetensors.torch.load_file(str(path))
         except Exception as error:
-            raise CheckpointError(f"{path} is not a readable safetensors file: {_first_line(error)}") from None
+            raise CheckpointError(f"{path} is not a readable safetensors file: {first_line(error)}") from None
     try:
         state = read_checkpoint(path, mmap=True)
     except CheckpointError:  # the legacy (non-zip) torch format cannot be memory-mapped
@@ -119,7 +119,7 @@ def load_weights(module: nn.Module, state: dict[str, torch.Tensor], source: str 
     try:
         result = module.load_state_dict(state, strict=False)
     except RuntimeError as error:  # tensors of other shapes
-        detail = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), _first_line(error))
+        detail = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), first_line(error))
         raise CheckpointError(f"{source}: the {what} weights do not match its config: {detail}") from None
     if result.missing_keys or result.unexpected_keys:
         parts = []
@@ -130,46 +130,12 @@ def load_weights(module: nn.Module, state: dict[str, torch.Tensor], source: str 
         raise CheckpointError(f"{source}: the {what} weights do not match its config: {', '.join(parts)} tensors")
 
 
-def config_from_dict(cls: type, data: Any, source: str | os.PathLike, where: str = "") -> Any:
-    """A config dataclass (nested ones included) from its ``asdict`` form; unknown or missing keys are one line."""
-    where = where or cls.__name__
-    if isinstance(data, cls):
-        return data
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{source}: {where} should be a mapping, found {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise CheckpointError(f"{source}: unknown {where} setting(s) {unknown} (written by a newer lit_wuerstchen?)")
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for name, value in data.items():
-        hint = hints[name]
-        if not dataclasses.is_dataclass(hint):  # an optional config (``Config | None``) is its dataclass or None
-            options = [a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)]
-            hint = options[0] if len(options) == 1 and value is not None else hint
-        nested = dataclasses.is_dataclass(hint)
-        values[name] = config_from_dict(hint, value, source, f"{where}.{name}") if nested else value
-    try:
-        return cls(**values)
-    except (TypeError, ValueError) as error:
-        raise CheckpointError(f"{source}: invalid {where}: {_first_line(error)}") from None
-
-
 # --- stage checkpoints --------------------------------------------------------------------------------------------
-def stage_record(stage: str, **parts: Any) -> dict[str, Any]:
-    """The ``lit_wuerstchen`` record a stage adds to its checkpoints (configs as plain dicts)."""
-    return {
-        "format": FORMAT,
-        "stage": stage,
-        **{k: asdict(v) if dataclasses.is_dataclass(v) else v for k, v in parts.items()},
-    }
-
-
 def read_stage_checkpoint(
     path: str | os.PathLike, stage: str, needed_by: str = "", metadata_only: bool = False
-) -> tuple[dict, dict]:
-    """``(checkpoint, record)`` of a ``stage`` ("A", "B", "C") checkpoint; anything else is a one-line error.
+) -> tuple[dict, StageRecord]:
+    """``(checkpoint, record)`` of a ``stage`` ("A", "B", "C") checkpoint, the record typed
+    (:mod:`lit_wuerstchen.records`: a :class:`StageARecord`, ...); anything else is a one-line error.
     ``metadata_only``: a sharded folder's tensors are not read (the record, step and loop states are)."""
     wanted = STAGE_NAMES[stage]
     purpose = f"{needed_by} needs a {wanted} checkpoint" if needed_by else f"expected a {wanted} checkpoint"
@@ -182,16 +148,14 @@ def read_stage_checkpoint(
             checkpoint = read_checkpoint(path, mmap=True)
     except CheckpointError:
         checkpoint = read_checkpoint(path)  # the legacy (non-zip) torch format cannot be memory-mapped
-    record = checkpoint.get(RECORD)
-    if not isinstance(record, dict) or "stage" not in record:
+    raw = checkpoint.get(RECORD_KEY)
+    if not isinstance(raw, dict) or "stage" not in raw:
         found = "a weights file" if "state_dict" not in checkpoint else "a checkpoint"
         raise CheckpointError(f"{path} is {found} without a lit_wuerstchen record, not a stage checkpoint; {purpose}")
-    if record.get("format") != FORMAT:
-        raise CheckpointError(f"{path} has checkpoint format {record.get('format')}, this version reads {FORMAT}")
-    if record["stage"] != stage:
-        found = STAGE_NAMES.get(record["stage"], repr(record["stage"]))
+    if raw["stage"] != stage:
+        found = STAGE_NAMES.get(raw["stage"], repr(raw["stage"]))
         raise CheckpointError(f"{path} is a {found} checkpoint; {purpose}")
-    return checkpoint, record
+    return checkpoint, record_from_dict(raw, path)
 
 
 def network_weights(checkpoint: dict, prefix: str, use_ema: bool, source: str | os.PathLike) -> dict:
@@ -209,7 +173,7 @@ def network_weights(checkpoint: dict, prefix: str, use_ema: bool, source: str | 
 def load_stage_a(path: str | os.PathLike, use_ema: bool = True, needed_by: str = "") -> VQGAN:
     """The VQGAN of a Stage A checkpoint, in eval mode (EMA weights when present)."""
     checkpoint, record = read_stage_checkpoint(path, "A", needed_by)
-    vqgan = VQGAN(config_from_dict(VQGANConfig, record["vqgan"], path))
+    vqgan = VQGAN(record.vqgan)
     load_weights(vqgan, network_weights(checkpoint, "vqgan", use_ema, path), path, "Stage A")
     return vqgan.eval()
 
@@ -233,26 +197,30 @@ def load_stage_b(path: str | os.PathLike, use_ema: bool = True, needed_by: str =
     """The networks of a Stage B checkpoint (EMA weights of decoder and compressor when present)."""
     checkpoint, record = read_stage_checkpoint(path, "B", needed_by)
     decoder, compressor = _stage_b_networks(checkpoint, record, path, use_ema)
-    stage_a = VQGAN(config_from_dict(VQGANConfig, record["stage_a"], path))
+    stage_a = VQGAN(record.stage_a)
     load_weights(stage_a, network_weights(checkpoint, "stage_a", False, path), path, "Stage A")
     text_encoder = None
-    if record.get("text_encoder"):
-        text_config = config_from_dict(TextEncoderConfig, record["text_encoder"], path)
-        if text_config.random_init:  # its weights travel with Stage B
-            text_encoder = TextEncoder(text_config)
-            load_weights(text_encoder, network_weights(checkpoint, "text_encoder", False, path), path, "text encoder")
-        else:
-            text_encoder = load_text_encoder(text_config)
-        text_encoder.eval()
+    if record.text_encoder is not None:
+        text_encoder = _checkpoint_text_encoder(checkpoint, record.text_encoder, path)
     return StageBParts(
         decoder.eval(),
         compressor.eval(),
         stage_a.eval(),
-        float(record["compression"]),
-        config_from_dict(DiffusionConfig, record["diffusion"], path),
-        config_from_dict(SamplingConfig, record["sampling"], path),
+        float(record.compression),
+        record.diffusion,
+        record.sampling,
         text_encoder,
     )
+
+
+def _checkpoint_text_encoder(checkpoint: dict, config: TextEncoderConfig, path: str | os.PathLike) -> TextEncoder:
+    """The frozen text encoder of a Stage B or C checkpoint, in eval mode: a randomly initialised one travels in its
+    ``state_dict``; a pretrained one is loaded from the weights its config names."""
+    if not config.random_init:
+        return load_text_encoder(config).eval()
+    text_encoder = TextEncoder(config)
+    load_weights(text_encoder, network_weights(checkpoint, "text_encoder", False, path), path, "text encoder")
+    return text_encoder.eval()
 
 
 def load_stage_b_networks(
@@ -265,14 +233,12 @@ def load_stage_b_networks(
 
 
 def _stage_b_networks(
-    checkpoint: dict, record: dict, path: str | os.PathLike, use_ema: bool
+    checkpoint: dict, record: StageBRecord, path: str | os.PathLike, use_ema: bool
 ) -> tuple[DiffNeXt, SemanticCompressor]:
-    compressor_config = dataclasses.replace(
-        config_from_dict(CompressorConfig, record["compressor"], path), pretrained=False
-    )  # its weights are in the checkpoint
-    decoder_config = config_from_dict(DiffNeXtConfig, record["decoder"], path)
-    compressor = SemanticCompressor(compressor_config, record["compression"])
-    lora = lora_of(record, path)
+    compressor_config = dataclasses.replace(record.compressor, pretrained=False)  # its weights are in the checkpoint
+    decoder_config = record.decoder
+    compressor = SemanticCompressor(compressor_config, record.compression)
+    lora = record.adapters
     if lora is None:
         decoder = DiffNeXt(decoder_config)
         load_weights(decoder, network_weights(checkpoint, "decoder", use_ema, path), path, "Stage B decoder")
@@ -294,10 +260,10 @@ def load_prior(path: str | os.PathLike, use_ema: bool = True, needed_by: str = "
     return _stage_c_prior(checkpoint, record, path, use_ema)
 
 
-def _stage_c_prior(checkpoint: dict, record: dict, path: str | os.PathLike, use_ema: bool) -> Prior:
-    config = config_from_dict(PriorConfig, record["prior"], path)
+def _stage_c_prior(checkpoint: dict, record: StageCRecord, path: str | os.PathLike, use_ema: bool) -> Prior:
+    config = record.prior
     weights = network_weights(checkpoint, "prior", use_ema, path)
-    lora = lora_of(record, path)
+    lora = record.adapters
     if lora is None:
         prior = Prior(config)
         load_weights(prior, weights, path, "Stage C prior")
@@ -308,19 +274,10 @@ def _stage_c_prior(checkpoint: dict, record: dict, path: str | os.PathLike, use_
 
 
 # --- LoRA checkpoints (lit_wuerstchen.lora, docs/finetune.md) ------------------------------------------------------
-def lora_of(record: dict, path: str | os.PathLike) -> LoraSettings | None:
-    """The LoRA settings of a stage checkpoint whose ``state_dict`` holds adapters only (None: full weights)."""
-    settings = record.get("lora")
-    if not settings:
-        return None
-    settings = config_from_dict(LoraSettings, settings, path, "lora")
-    return settings if settings.enabled else None
-
-
-def lora_base(record: dict, path: str | os.PathLike) -> str:
+def lora_base(record: StageRecord, path: str | os.PathLike) -> str:
     """The checkpoint a LoRA checkpoint's adapters were trained on (its ``init_checkpoint``; always its EMA
     weights, as training started from them)."""
-    base = record.get("init_checkpoint")
+    base = record.init_checkpoint
     if not base:
         raise CheckpointError(f"{path} holds LoRA adapters but names no init_checkpoint (the weights they adapt)")
     return str(base)
@@ -417,30 +374,26 @@ def load_pipeline(
 
 def _pipeline_from_stage_c(path: Path, stage_b_checkpoint: str | os.PathLike | None, use_ema: bool):
     checkpoint, record = read_stage_checkpoint(path, "C", needed_by="sampling")
-    stage_b_path = stage_b_checkpoint or record["stage_b_checkpoint"]
+    stage_b_path = stage_b_checkpoint or record.stage_b_checkpoint
     stage_b = load_stage_b(stage_b_path, use_ema, needed_by=f"the Stage C checkpoint {path}")
     state = checkpoint["state_dict"]
     config = PipelineConfig(
-        text_encoder=config_from_dict(TextEncoderConfig, record["text_encoder"], path),
-        prior=config_from_dict(PriorConfig, record["prior"], path),
+        text_encoder=record.text_encoder,
+        prior=record.prior,
         decoder=stage_b.decoder.config,
         stage_a=stage_b.stage_a.config,
         compression=stage_b.compression,
         latent_mean=state["latent_mean"].flatten().tolist(),
         latent_std=state["latent_std"].flatten().tolist(),
-        prior_diffusion=config_from_dict(DiffusionConfig, record["diffusion"], path),
+        prior_diffusion=record.diffusion,
         decoder_diffusion=stage_b.diffusion,
-        prior_sampling=config_from_dict(SamplingConfig, record["sampling"], path),
-        decoder_sampling=config_from_dict(SamplingConfig, record["decoder_sampling"], path),
-        image_size=record.get("image_size"),
+        prior_sampling=record.sampling,
+        decoder_sampling=record.decoder_sampling,
+        image_size=record.image_size,
         decoder_text_encoder=stage_b.text_encoder.config if stage_b.text_encoder is not None else None,
         semantic_rounding=stage_b.compressor.config.latent_rounding,
     )
-    if config.text_encoder.random_init:  # its weights travel with Stage C
-        text_encoder = TextEncoder(config.text_encoder)
-        load_weights(text_encoder, network_weights(checkpoint, "text_encoder", False, path), path, "text encoder")
-    else:
-        text_encoder = load_text_encoder(config.text_encoder)
+    text_encoder = _checkpoint_text_encoder(checkpoint, record.text_encoder, path)
     prior = _stage_c_prior(checkpoint, record, path, use_ema)
     return WuerstchenPipeline(
         text_encoder, prior, stage_b.decoder, stage_b.stage_a, config, decoder_text_encoder=stage_b.text_encoder
@@ -449,17 +402,16 @@ def _pipeline_from_stage_c(path: Path, stage_b_checkpoint: str | os.PathLike | N
 
 def save_pipeline(pipeline: WuerstchenPipeline, directory: str | os.PathLike) -> Path:
     """A self-contained pipeline folder: one safetensors file per part and ``pipeline.json`` (the
-    :class:`PipelineConfig`)."""
+    :class:`PipelineConfig`), swapped in whole (:func:`lit_wuerstchen.files.replaced_folder`)."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    for name in EXPORT_PARTS + (("decoder_text_encoder",) if pipeline.decoder_text_encoder is not None else ()):
-        state = {k: v.detach().cpu().contiguous() for k, v in getattr(pipeline, name).state_dict().items()}
-        safetensors.torch.save_file(state, directory / f"{name}.safetensors")
-    (directory / EXPORT_CONFIG).write_text(json.dumps(asdict(pipeline.config), indent=2) + "\n")
-    umask = os.umask(0)
-    os.umask(umask)
-    for file in directory.iterdir():  # ordinary permissions (safetensors writes 0600), as any file the user makes
-        file.chmod(0o666 & ~umask)
+    with replaced_folder(directory) as partial:
+        for name in EXPORT_PARTS + (("decoder_text_encoder",) if pipeline.decoder_text_encoder is not None else ()):
+            state = {k: v.detach().cpu().contiguous() for k, v in getattr(pipeline, name).state_dict().items()}
+            safetensors.torch.save_file(state, partial / f"{name}.safetensors")
+        (partial / EXPORT_CONFIG).write_text(json.dumps(asdict(pipeline.config), indent=2) + "\n")
+        umask = current_umask()
+        for file in partial.iterdir():  # ordinary permissions (safetensors writes 0600), as any file the user makes
+            file.chmod(0o666 & ~umask)
     return directory
 
 

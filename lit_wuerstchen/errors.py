@@ -40,6 +40,12 @@ class PreemptedError(LitWuerstchenError):
     exit_code = 143
 
 
+def first_line(error: BaseException) -> str:
+    """The gist of a library's error: the first sentence of its first line."""
+    text = str(error).strip()
+    return text.splitlines()[0].split(". ")[0] if text else type(error).__name__
+
+
 def user_error(error: BaseException | None) -> LitWuerstchenError | None:
     """The first :class:`LitWuerstchenError` in ``error``'s chain of causes and contexts, if any."""
     seen: set[int] = set()

@@ -12,16 +12,17 @@ from helpers import tiny_stage_b, toy_data_args
 
 from lit_wuerstchen.checkpoints import (
     CheckpointError,
-    config_from_dict,
     load_stage_a,
     load_stage_b,
     load_weights,
     read_checkpoint,
+    read_stage_checkpoint,
     read_state_dict,
 )
 from lit_wuerstchen.cli import main
 from lit_wuerstchen.generation import PipelineConfig
 from lit_wuerstchen.models import VQGAN, DiffNeXtConfig, PriorConfig, TextEncoderConfig, VQGANConfig
+from lit_wuerstchen.records import FORMAT, StageBRecord, config_from_dict, record_from_dict
 
 
 class NotAllowed:  # pickled objects of arbitrary classes are refused by weights_only loading
@@ -151,3 +152,49 @@ def test_frozen_parts_move_with_the_module_and_persist_only_when_asked(stage_a_c
     incomplete = {k: v for k, v in state.items() if not k.startswith("stage_a.")}
     with pytest.raises(RuntimeError, match="Missing key.*stage_a.in_block"):
         fresh.load_state_dict(incomplete)
+
+
+# --- the typed records (lit_wuerstchen.records) ----------------------------------------------------------------------
+def _format_1(record: dict) -> dict:
+    """The layout lit_wuerstchen wrote before the typed records: the resume state at the top level."""
+    training = record["training"]
+    old = {key: value for key, value in record.items() if key != "training"}
+    return {**old, "format": 1, "skipped_steps": training["skipped_steps"], "rng_states": training["rng_states"]}
+
+
+def test_a_stage_b_record_round_trips_and_a_format_1_record_is_upgraded(stage_b_checkpoint, tmp_path):
+    checkpoint = read_checkpoint(stage_b_checkpoint)
+    stored = checkpoint["lit_wuerstchen"]
+    assert stored["format"] == FORMAT and stored["stage"] == "B"
+    record = record_from_dict(stored, stage_b_checkpoint)
+    assert isinstance(record, StageBRecord) and isinstance(record.decoder, DiffNeXtConfig)
+    assert isinstance(record.training.rng_states, list) and len(record.training.rng_states) == 1
+    again = record.to_dict()
+    assert again.keys() == stored.keys() and again["decoder"] == stored["decoder"]
+
+    old = tmp_path / "format_1.ckpt"
+    checkpoint["lit_wuerstchen"] = _format_1(stored)
+    checkpoint["lit_wuerstchen"]["skipped_steps"] = 3
+    torch.save(checkpoint, old)
+    _, upgraded = read_stage_checkpoint(old, "B")
+    assert upgraded.training.skipped_steps == 3 and upgraded.decoder == record.decoder
+    parts = load_stage_b(old)  # every loader reads the upgraded record
+    assert parts.decoder.config == record.decoder
+
+
+def test_records_of_other_formats_or_with_unknown_keys_are_refused_in_one_line(stage_a_checkpoint, tmp_path):
+    checkpoint = read_checkpoint(stage_a_checkpoint)
+    stored = checkpoint["lit_wuerstchen"]
+    cases = {
+        "newer.ckpt": ({**stored, "format": FORMAT + 1}, "upgrade lit_wuerstchen"),
+        "ancient.ckpt": ({**stored, "format": 0}, "convert or retrain"),
+        "unknown.ckpt": ({**stored, "shiny_new_thing": 1}, "unknown Stage A record setting(s) ['shiny_new_thing']"),
+        "nested.ckpt": ({**stored, "vqgan": {**stored["vqgan"], "colour": 1}}, "unknown Stage A record.vqgan"),
+        "lacking.ckpt": ({k: v for k, v in stored.items() if k != "vqgan"}, "lacks the required setting(s) ['vqgan']"),
+    }
+    for name, (record, expected) in cases.items():
+        path = tmp_path / name
+        torch.save({**checkpoint, "lit_wuerstchen": record}, path)
+        with pytest.raises(CheckpointError) as info:
+            load_stage_a(path)
+        assert str(path) in one_line(info) and expected in str(info.value), name

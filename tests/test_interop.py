@@ -3,6 +3,8 @@ the same outputs on the same inputs (fp32, CPU, tiny random weights; no network)
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -102,7 +104,7 @@ def converted(tmp_path_factory):
 
 def test_converted_prior_matches_diffusers(converted):
     checkpoint, record = read_stage_checkpoint(converted["paths"]["C"], "C")
-    prior = Prior(PriorConfig(**record["prior"]))
+    prior = Prior(record.prior)
     prior.load_state_dict(network_weights(checkpoint, "prior", False, "test"))
     x, r, text = prior_inputs()
     with torch.no_grad():
@@ -113,7 +115,7 @@ def test_converted_prior_matches_diffusers(converted):
 
 def test_converted_decoder_matches_diffusers(converted):
     checkpoint, record = read_stage_checkpoint(converted["paths"]["B"], "B")
-    decoder = DiffNeXt(DiffNeXtConfig(**record["decoder"]))
+    decoder = DiffNeXt(record.decoder)
     decoder.load_state_dict(network_weights(checkpoint, "decoder", False, "test"))
     x, r, semantic, text = decoder_inputs()
     with torch.no_grad():
@@ -163,8 +165,8 @@ def test_convert_official_pt_layout(tmp_path, converted):
     torch.save({"ema_state_dict": official}, tmp_path / "model_v2_stage_c.pt")
     out, _ = convert(tmp_path / "model_v2_stage_c.pt", "C", tmp_path / "c.ckpt", stage_b=converted["paths"]["B"])
     checkpoint, record = read_stage_checkpoint(out, "C")
-    assert record["prior"]["width"] == PRIOR.width and record["prior"]["depth"] == PRIOR.depth
-    prior = Prior(PriorConfig(**{**record["prior"], "heads": PRIOR.heads}))
+    assert record.prior.width == PRIOR.width and record.prior.depth == PRIOR.depth
+    prior = Prior(dataclasses.replace(record.prior, heads=PRIOR.heads))
     prior.load_state_dict(network_weights(checkpoint, "prior", False, "test"))
     x, r, text = prior_inputs()
     with torch.no_grad():

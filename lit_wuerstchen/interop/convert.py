@@ -25,18 +25,19 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from ..checkpoints import RECORD, read_checkpoint, read_stage_checkpoint, read_state_dict, stage_record
+from ..checkpoints import read_checkpoint, read_stage_checkpoint, read_state_dict
 from ..diffusion import DiffusionConfig, SamplingConfig, decoder_sampling, prior_sampling
 from ..errors import guarded
+from ..files import atomic_file
 from ..models.compressor import CompressorConfig, SemanticCompressor
 from ..models.diffnext import DiffNeXt
 from ..models.prior import Prior
 from ..models.text_encoder import TextEncoderConfig
 from ..models.vqgan import VQGAN
+from ..records import RECORD_KEY, StageARecord, StageBRecord, StageCRecord, StageRecord, record_from_dict
 from .keymaps import (
     InteropError,
     decoder_config_from_diffusers,
@@ -160,19 +161,16 @@ def _ours(state, key_map, module_cls, config, source, what) -> dict[str, torch.T
     return rename(state, inverse, _expected(module_cls, config), source, what)
 
 
-def _checkpoint(stage: str, state_dict: dict, source: str, **configs: Any) -> dict:
-    return {
-        "state_dict": state_dict,
-        RECORD: stage_record(stage, skipped_steps=0, rng_states=[], converted_from=source, **configs),
-        "global_step": 0,
-        "epoch": 0,
-    }
+def _checkpoint(record: StageRecord, state_dict: dict) -> dict:
+    """A stage checkpoint as training writes one, at step 0."""
+    return {"state_dict": state_dict, RECORD_KEY: record.to_dict(), "global_step": 0, "epoch": 0}
 
 
 def convert_stage_a(config: dict, state: dict, source: str) -> dict:
     vqgan_config = vqgan_config_from_diffusers(config)
     weights = _ours(state, vqgan_key_map(vqgan_config), VQGAN, vqgan_config, source, "Stage A")
-    return _checkpoint("A", {f"vqgan.{k}": v for k, v in weights.items()}, source, vqgan=vqgan_config)
+    record = StageARecord(vqgan=vqgan_config, converted_from=source)
+    return _checkpoint(record, {f"vqgan.{k}": v for k, v in weights.items()})
 
 
 def _compressor(effnet: dict | None, source: str) -> tuple[CompressorConfig, dict[str, torch.Tensor], bool]:
@@ -207,23 +205,22 @@ def convert_stage_b(
     decoder_config = decoder_config_from_diffusers(config)
     weights = _ours(state, decoder_key_map(decoder_config), DiffNeXt, decoder_config, source, "Stage B decoder")
     compressor_config, compressor_state, has_effnet = _compressor(effnet, source)
-    stage_a_record = stage_a[RECORD]
+    stage_a_record = record_from_dict(stage_a[RECORD_KEY], source)
     state_dict = {f"decoder.{k}": v for k, v in weights.items()}
     state_dict.update({f"compressor.{k}": v for k, v in compressor_state.items()})
     state_dict.update({k: v for k, v in stage_a["state_dict"].items() if k.startswith("vqgan.")})
     state_dict = {("stage_a." + k[len("vqgan.") :] if k.startswith("vqgan.") else k): v for k, v in state_dict.items()}
-    checkpoint = _checkpoint(
-        "B",
-        state_dict,
-        source,
+    record = StageBRecord(
         decoder=decoder_config,
         compressor=compressor_config,
         compression=RELEASED_COMPRESSION,
-        stage_a=stage_a_record["vqgan"],
+        stage_a=stage_a_record.vqgan,
         diffusion=DiffusionConfig(),
         sampling=decoder_sampling(),
         text_encoder=text_encoder,
+        converted_from=source,
     )
+    checkpoint = _checkpoint(record, state_dict)
     return checkpoint, has_effnet
 
 
@@ -247,10 +244,7 @@ def convert_stage_c(
     text = text_encoder or dataclasses.replace(PRIOR_TEXT_ENCODER)
     if text_encoder is None and prior_config.text_channels != 1280:  # v1 / paper priors read ViT-H-14 (1024)
         text = dataclasses.replace(DECODER_TEXT_ENCODER)
-    return _checkpoint(
-        "C",
-        state_dict,
-        source,
+    record = StageCRecord(
         prior=prior_config,
         text_encoder=text,
         stage_b_checkpoint=str(stage_b_checkpoint),
@@ -258,7 +252,9 @@ def convert_stage_c(
         sampling=prior_sampling(),
         decoder_sampling=SamplingConfig(steps=12),
         image_size=[1024, 1024],
+        converted_from=source,
     )
+    return _checkpoint(record, state_dict)
 
 
 def _pipeline_text_encoder(model_folder: Path, out: Path, notes: list[str]) -> TextEncoderConfig | None:
@@ -350,10 +346,8 @@ def convert(
             scaling = (pipeline_config.get("latent_mean", scaling[0]), pipeline_config.get("latent_std", scaling[1]))
         result = convert_stage_c(config, state, label, str(Path(stage_b).resolve()), text_encoder, scaling)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".tmp")
-    torch.save(result, partial)
-    os.replace(partial, out)  # atomic: an interrupted conversion leaves no half-written checkpoint
+    with atomic_file(out) as partial:  # an interrupted conversion leaves no half-written checkpoint
+        torch.save(result, partial)
     return out, notes
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import torch
 from torch import nn
@@ -23,7 +22,7 @@ from ..lora import LoraSettings, inject_lora
 from ..models.compressor import CompressorConfig, SemanticCompressor
 from ..models.diffnext import DiffNeXt, DiffNeXtConfig, perturb_semantic
 from ..models.text_encoder import TextEncoderConfig
-from ..models.vqgan import VQGANConfig
+from ..records import StageBRecord
 from .base import DiffusionStage, OptimizerConfig, as_dataclass, lora_settings, network_from_init
 
 
@@ -85,9 +84,7 @@ class StageB(DiffusionStage):
         if init_checkpoint is not None:
             init = load_stage_b_networks(init_checkpoint, needed_by="init_checkpoint")  # (decoder, compressor)
             if text_encoder is None:  # the text encoder the init decoder was trained (or converted) with
-                text_encoder = read_stage_checkpoint(init_checkpoint, "B", needed_by="init_checkpoint")[1].get(
-                    "text_encoder"
-                )
+                text_encoder = read_stage_checkpoint(init_checkpoint, "B", needed_by="init_checkpoint")[1].text_encoder
             network = network_from_init(network, init[0].config, init_checkpoint, "network")
             compressor = network_from_init(
                 compressor, init[1].config, init_checkpoint, "compressor", ignore=("pretrained",)
@@ -160,27 +157,27 @@ class StageB(DiffusionStage):
         network = init_args.get("network")
         if network is None and init_args.get("init_checkpoint"):  # the decoder of the checkpoint it starts from
             _, init_record = read_stage_checkpoint(init_args["init_checkpoint"], "B", needed_by="init_checkpoint")
-            network = init_record["decoder"]
+            network = init_record.decoder
         network = as_dataclass(DiffNeXtConfig, network or {})
-        return VQGANConfig(**record["vqgan"]).downsampling * network.divisor
+        return record.vqgan.downsampling * network.divisor
 
     def trained_networks(self) -> dict[str, nn.Module]:
         if self.lora_config.enabled:  # the compressor is frozen (the adapters are the decoder's)
             return {"decoder": self.decoder}
         return {"decoder": self.decoder, "compressor": self.compressor}
 
-    def checkpoint_configs(self) -> dict[str, Any]:
-        return {
-            "decoder": self.decoder.config,
-            "compressor": self.compressor.config,
-            "compression": self.compressor.compression,
-            "stage_a": self.stage_a.config,
-            "diffusion": self.diffusion_config,
-            "sampling": self.sampling_config,
-            "text_encoder": self.text_encoder_config,
-            "init_checkpoint": str(self.hparams.init_checkpoint) if self.hparams.init_checkpoint else None,
-            "lora": self.lora_config if self.lora_config.enabled else None,
-        }
+    def checkpoint_record(self) -> StageBRecord:
+        return StageBRecord(
+            decoder=self.decoder.config,
+            compressor=self.compressor.config,
+            compression=self.compressor.compression,
+            stage_a=self.stage_a.config,
+            diffusion=self.diffusion_config,
+            sampling=self.sampling_config,
+            text_encoder=self.text_encoder_config,
+            init_checkpoint=str(self.hparams.init_checkpoint) if self.hparams.init_checkpoint else None,
+            lora=self.lora_config if self.lora_config.enabled else None,
+        )
 
     # --- the two encoders ----------------------------------------------------------------------------------
     @torch.no_grad()

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from lightning.fabric.utilities import move_data_to_device
 from torch import nn
 
-from ..checkpoints import RECORD, load_prior, load_stage_b, load_text_encoder, read_stage_checkpoint
+from ..checkpoints import load_prior, load_stage_b, load_text_encoder, read_stage_checkpoint
 from ..diffusion import DiffusionConfig, SamplingConfig, decoder_sampling, prior_sampling
 from ..flops import measure_training_flops
 from ..generation import PipelineConfig, WuerstchenPipeline
 from ..lora import LoraSettings, inject_lora
-from ..models.diffnext import DiffNeXtConfig
 from ..models.prior import Prior, PriorConfig
 from ..models.text_encoder import TextEncoderConfig
-from ..models.vqgan import VQGANConfig
+from ..records import StageCRecord
 from .base import DiffusionStage, OptimizerConfig, as_dataclass, lora_settings, network_from_init
 
 # Würstchen v2 fed Stage C with (x + 1) / 42 and sampling undid it with x * 42 - 1.
@@ -76,7 +75,7 @@ class StageC(DiffusionStage):
             init, init_record = read_stage_checkpoint(init_checkpoint, "C", needed_by="init_checkpoint")
             init_state = init["state_dict"]
             if text_encoder is None:  # the text encoder the init prior was trained (or converted) with
-                text_encoder = init_record.get("text_encoder")
+                text_encoder = init_record.text_encoder
             init_prior = load_prior(init_checkpoint, needed_by="init_checkpoint")
             network = network_from_init(network, init_prior.config, init_checkpoint, "network")
         network = network or PriorConfig()
@@ -139,23 +138,23 @@ class StageC(DiffusionStage):
         """Image sides the Stage B decoder and its Stage A can make are multiples of this (checked before anything
         is built; the Stage B checkpoint is read, not loaded)."""
         _, record = read_stage_checkpoint(init_args["stage_b_checkpoint"], "B", needed_by="Stage C")
-        return VQGANConfig(**record["stage_a"]).downsampling * DiffNeXtConfig(**record["decoder"]).divisor
+        return record.stage_a.downsampling * record.decoder.divisor
 
     def trained_networks(self) -> dict[str, nn.Module]:
         return {"prior": self.prior}
 
-    def checkpoint_configs(self) -> dict[str, Any]:
-        return {
-            "prior": self.prior.config,
-            "text_encoder": self.text_encoder_config,
-            "stage_b_checkpoint": str(self.hparams.stage_b_checkpoint),
-            "init_checkpoint": str(self.hparams.init_checkpoint) if self.hparams.init_checkpoint else None,
-            "lora": self.lora_config if self.lora_config.enabled else None,
-            "diffusion": self.diffusion_config,
-            "sampling": self.sampling_config,
-            "decoder_sampling": self.decoder_sampling_config,
-            "image_size": list(self.image_size) if self.image_size is not None else None,
-        }
+    def checkpoint_record(self) -> StageCRecord:
+        return StageCRecord(
+            prior=self.prior.config,
+            text_encoder=self.text_encoder_config,
+            stage_b_checkpoint=str(self.hparams.stage_b_checkpoint),
+            init_checkpoint=str(self.hparams.init_checkpoint) if self.hparams.init_checkpoint else None,
+            lora=self.lora_config if self.lora_config.enabled else None,
+            diffusion=self.diffusion_config,
+            sampling=self.sampling_config,
+            decoder_sampling=self.decoder_sampling_config,
+            image_size=list(self.image_size) if self.image_size is not None else None,
+        )
 
     # --- the cache: text states and semantic latents; no image -----------------------------------------------
     def cache_models(self) -> dict[str, nn.Module]:
@@ -325,7 +324,6 @@ class StageC(DiffusionStage):
         images = self.generate(batch["prompt"], (int(batch["height"]), int(batch["width"])), generator)
         return {**batch, "images": images}
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        super().on_load_checkpoint(checkpoint)
-        image_size = checkpoint.get(RECORD, {}).get("image_size")
-        self.image_size = tuple(image_size) if image_size else None
+    def restore_from_record(self, record: StageCRecord) -> None:
+        super().restore_from_record(record)
+        self.image_size = tuple(record.image_size) if record.image_size else None
