@@ -25,7 +25,8 @@ from typing import Any
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .shards import ShardWriter, brace_pattern, encode_png, load_rgb, replaced_folder
+from ..files import replaced_folder
+from .shards import ShardWriter, brace_pattern, encode_png, load_rgb
 
 log = logging.getLogger(__name__)
 

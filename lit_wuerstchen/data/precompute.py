@@ -28,8 +28,10 @@ import webdataset as wds
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
+from ..files import write_text_atomic
 from .cache import FORMAT, MANIFEST, SHARD_PATTERN, encode_entry, read_cache_manifest, weights_fingerprint
-from .datamodule import ErrorLog, ShardDataModule, images_to_tensor
+from .datamodule import ShardDataModule
+from .decoding import ErrorLog, images_to_tensor
 from .shards import IMAGE_EXTENSIONS, ShardWriter, open_shards
 
 
@@ -75,9 +77,7 @@ def _same_cache(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:
     """Atomically (several processes may write the same manifest)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(value, indent=1) + "\n")
 
 
 def _done_file(out: Path, index: int) -> Path:
@@ -178,12 +178,12 @@ def _cache_shard(
 
     def flush(writer: ShardWriter) -> None:
         nonlocal written
-        images = images_to_tensor([item[0] for _, item in pending]).to(device)
-        entries = stage.cache_entries(images, [item[1] for _, item in pending])
+        images = images_to_tensor([decoded.image for _, decoded in pending]).to(device)
+        entries = stage.cache_entries(images, [decoded.caption for _, decoded in pending])
         arrays = {name: value.float().cpu().numpy() for name, value in entries.items()}
         names.update(arrays)
-        for row, (sample, (_, caption, key, meta, _)) in enumerate(pending):
-            record = {"__key__": key, "txt": caption, "json": meta}
+        for row, (sample, decoded) in enumerate(pending):
+            record = {"__key__": decoded.key, "txt": decoded.caption, "json": decoded.meta}
             record.update({f"{name}.npy": encode_entry(array[row]) for name, array in arrays.items()})
             if stage.cache_keeps_image:
                 ext = next(e for e in IMAGE_EXTENSIONS if e in sample)

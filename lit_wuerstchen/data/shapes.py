@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from .shards import ShardWriter, brace_pattern, encode_png, replaced_folder
+from ..files import replaced_folder
+from .shards import ShardWriter, brace_pattern, encode_png
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,8 @@ import io
 import logging
 import os
 import re
-import shutil
 import struct
 import subprocess
-import tempfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -500,22 +498,3 @@ def folder_lock(folder: str | os.PathLike[str]) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
-def replaced_folder(folder: str | os.PathLike[str]) -> Iterator[Path]:
-    """Write a folder's new contents into a temporary sibling, then swap it in with renames: readers see the old
-    folder or the complete new one, never a half-written mix; if the writing fails, the old folder stays."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = folder.parent / f".{folder.name}.old-{os.getpid()}"
-    if folder.exists():
-        os.rename(folder, old)
-    os.rename(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import platform
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -34,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
+from ..files import atomic_file
 from ..offline import is_offline, resolve_open_clip_model
 
 INCEPTION_FILENAME = "inception-2015-12-05.pt"
@@ -286,18 +286,10 @@ def read_reference_stats(cache_path: str | os.PathLike, key: str | None = None) 
 def write_reference_stats(
     cache_path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, count: int, extractor: str = "", key: str = ""
 ) -> Path:
-    """Write the statistics atomically (temporary file in the same folder, then ``os.replace``)."""
+    """Write the statistics atomically (:func:`lit_wuerstchen.files.atomic_file`)."""
     path = Path(cache_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp.npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, mu=mu, sigma=sigma, count=np.int64(count), extractor=np.str_(extractor), key=np.str_(key))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as partial:
+        np.savez(partial, mu=mu, sigma=sigma, count=np.int64(count), extractor=np.str_(extractor), key=np.str_(key))
     return path
 
 

@@ -31,9 +31,10 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..data.datamodule import expand_shards
 from ..data.shards import iter_shard, load_rgb
+from ..data.urls import expand_shards
 from ..errors import ConfigError
+from ..files import write_text_atomic
 from ..runs import claim_output_file
 from .features import (
     FID_FEATURES,
@@ -347,7 +348,7 @@ def run(args: argparse.Namespace, feature_extractor: Any = None, clip_scorer: An
     except (SamplesError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_text_atomic(out, json.dumps(report, indent=2) + "\n")
     print(format_table(report))
     print(f"wrote {out}")
     return 0

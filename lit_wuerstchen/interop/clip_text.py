@@ -41,6 +41,7 @@ from open_clip.model import CLIPTextCfg
 from open_clip.transformer import QuickGELU, ResidualAttentionBlock
 from torch import nn
 
+from ..files import write_text_atomic
 from ..models.text_encoder import TINY_MODEL_NAME, TextEncoder, TextEncoderConfig, open_clip_model_config
 
 INSTALL_HINT = "pip install 'lit_wuerstchen[interop]'"
@@ -410,9 +411,7 @@ def _config_for(hf_config: Any, with_projection: bool, out_dir: Path | None) -> 
     path = (out_dir if out_dir is not None else default_config_dir()) / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.is_file() or path.read_text(encoding="utf-8") != text:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(path, text)
     return TextEncoderConfig(model_name=name, pretrained=None, model_config_file=str(path))
 
 

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..files import replaced_folder
 from ..generation import WuerstchenPipeline
 from .keymaps import (
     InteropError,
@@ -132,14 +132,9 @@ def export_diffusers(pipeline: WuerstchenPipeline, out: str | os.PathLike, overw
     if out.exists() and not overwrite:
         raise InteropError(f"{out} exists; pass --overwrite to replace it")
     prior_pipeline, decoder_pipeline = diffusers_pipelines(pipeline)
-    partial = out.with_name(out.name + ".tmp")
-    shutil.rmtree(partial, ignore_errors=True)
-    with torch.no_grad():
+    with replaced_folder(out) as partial, torch.no_grad():
         prior_pipeline.save_pretrained(partial / "prior", safe_serialization=True)
         decoder_pipeline.save_pretrained(partial / "decoder", safe_serialization=True)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(partial, out)
     return out
 
 

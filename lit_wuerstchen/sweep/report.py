@@ -14,6 +14,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ..checkpoints import CheckpointError, read_checkpoint
+from ..files import atomic_file, write_text_atomic
 from ..models.compressor import semantic_latent_size
 from .grid import Grid, Point, SweepError, expand, load_grid, select
 
@@ -192,7 +193,7 @@ def write_report(grid: Grid, rows: list[dict[str, Any]], out: Path) -> list[Path
     extra_axes = [a.name for a in grid.axes[1:]]
     columns = ["point", "ratio", *extra_axes, "latent", *[m[0] for m in METRICS]]
     # CSV: raw numbers, empty cells where a metric was not logged
-    with open(out / "ablations.csv", "w", newline="") as f:
+    with atomic_file(out / "ablations.csv") as partial, open(partial, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(columns)
         for row in rows:
@@ -218,7 +219,7 @@ def write_report(grid: Grid, rows: list[dict[str, Any]], out: Path) -> list[Path
         ]
         cells += [_format(row[m[0]], m[4]) for m in METRICS]
         lines.append("| " + " | ".join(cells) + " |")
-    (out / "ablations.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(out / "ablations.md", "\n".join(lines) + "\n")
     return [out / "ablations.csv", out / "ablations.md", *plot(grid, rows, out)]
 
 
