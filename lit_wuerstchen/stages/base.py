@@ -1,26 +1,25 @@
-"""What every stage's LightningModule shares: the optimiser, frozen parts, the EMA contract, checkpoint records and
-data-health logging (:class:`Stage`), and the one diffusion training step of Stages B and C (:class:`DiffusionStage`).
+"""What every stage's LightningModule shares (:class:`Stage`: the optimiser, the EMA contract, the checkpoint record,
+data-health logging, composed with the parts of :mod:`.parts`), and the one diffusion training step of Stages B and C
+(:class:`DiffusionStage`).
 """
 
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 import lightning as L
-import numpy as np
 import torch
-import torch.distributed as dist
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from ..checkpoints import RECORD, stage_record
 from ..data.cache import check_models
 from ..diffusion import Diffusion, DiffusionConfig, SamplingConfig
-from ..errors import ConfigError, DivergenceError
+from ..errors import ConfigError
 from ..lora import LoraSettings, describe, inject_lora, is_adapter_key
+from ..records import RECORD_KEY, StageRecord, TrainingState, record_from_dict
+from .parts import DivergenceGuard, FrozenParts, RandomStreams
 
 
 @dataclass
@@ -42,6 +41,11 @@ class OptimizerConfig:
     max_skipped_steps: int = 0
     """Steps with a non-finite gradient (or loss) that are skipped (counted in ``train/skipped_steps``) before the
     run stops as diverged; 0: stop at the first."""
+    fused: bool | None = None
+    """torch's fused AdamW kernel (one kernel over all parameters). None: fused where every parameter is on a CUDA
+    device, else torch's default (foreach on CUDA, a per-tensor loop on the CPU). Not the CPU default: there the
+    fused kernel rounds differently from the loop (not bit-identical; docs/benchmarks.md "AdamW: fused vs
+    default"). True where torch has no fused kernel for the parameters' device is a one-line error."""
 
     def __post_init__(self) -> None:
         if self.max_skipped_steps < 0:
@@ -56,14 +60,43 @@ class OptimizerConfig:
         progress = min(1.0, (step - warmup) / (total_steps - warmup))
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
+    def use_fused(self, parameters: list[torch.Tensor], scaled_gradients: bool = False) -> bool:
+        """Whether :meth:`build` makes the fused AdamW for ``parameters`` (see :attr:`fused`). ``scaled_gradients``:
+        a GradScaler (``16-mixed``) scales them, which a fused AdamW unscales inside its step, too late for
+        Lightning's gradient clipping: not fused by default, and an error when asked for with clipping."""
+        devices = sorted({p.device.type for p in parameters})
+        if self.fused is None:
+            return devices == ["cuda"] and not scaled_gradients
+        if self.fused and scaled_gradients and self.grad_clip:
+            raise ConfigError(
+                "optimizer.fused: true with a GradScaler (precision 16-mixed) cannot clip gradients (the fused step "
+                "unscales them itself); use precision bf16-mixed, optimizer.fused: null or optimizer.grad_clip: null"
+            )
+        if self.fused:
+            from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+            supported = _get_fused_kernels_supported_devices()
+            unsupported = [d for d in devices if d not in supported]
+            if unsupported or not all(torch.is_floating_point(p) for p in parameters):
+                what = f"{', '.join(unsupported)} parameters" if unsupported else "non-floating-point parameters"
+                raise ConfigError(
+                    f"optimizer.fused: true, but torch {torch.__version__} has no fused AdamW for {what} (it has "
+                    f"one for {', '.join(supported)}); set optimizer.fused: null (fused where available) or false"
+                )
+        return self.fused
+
     def build(
-        self, parameters, lr: float | None = None, total_steps: int | None = None
+        self, parameters, lr: float | None = None, total_steps: int | None = None, scaled_gradients: bool = False
     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-        """AdamW and its per-step scheduler; ``total_steps`` (trainer.max_steps) is needed for cosine decay."""
+        """AdamW and its per-step scheduler; ``total_steps`` (trainer.max_steps) is needed for cosine decay;
+        ``scaled_gradients``: see :meth:`use_fused`."""
         if self.decay == "cosine" and (total_steps is None or total_steps <= 0):
             raise ValueError("optimizer.decay: cosine needs trainer.max_steps to be set")
+        parameters = list(parameters)
+        # Not fused: no `fused=False` to torch, which would also turn its foreach default off (a slow loop on CUDA).
+        fused = {"fused": True} if self.use_fused(parameters, scaled_gradients) else {}
         optimizer = torch.optim.AdamW(
-            parameters, lr=lr or self.lr, betas=tuple(self.betas), weight_decay=self.weight_decay
+            parameters, lr=lr or self.lr, betas=tuple(self.betas), weight_decay=self.weight_decay, **fused
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_factor(step, total_steps))
         return optimizer, scheduler
@@ -107,7 +140,7 @@ class Stage(L.LightningModule):
     """Base of the stage LightningModules.
 
     Subclasses set :attr:`stage` ("A", "B", "C") and implement :meth:`trained_networks` (what the optimiser trains
-    and the EMA averages: never frozen encoders or metric networks), :meth:`checkpoint_configs` (what the loaders in
+    and the EMA averages: never frozen encoders or metric networks), :meth:`checkpoint_record` (what the loaders in
     :mod:`lit_wuerstchen.checkpoints` need to rebuild the networks), :meth:`log_images` (named image grids for the
     image logger) and :meth:`evaluation_images` (what evaluation callbacks score).
     """
@@ -116,16 +149,18 @@ class Stage(L.LightningModule):
 
     def __init__(self) -> None:
         super().__init__()
-        self._frozen: dict[str, tuple[nn.Module, bool]] = {}
-        self.register_state_dict_post_hook(_frozen_state_dict_hook)
-        self.register_load_state_dict_pre_hook(_frozen_load_state_dict_hook)
-        self.skipped_steps = 0  # bad steps skipped so far (kept in the checkpoint record: survives a resume)
-        self._last_loss: torch.Tensor | None = None
-        # this step's gradient norm from the finiteness check, reused by the clipping (one norm per step, not two)
-        self._gradient_norm: torch.Tensor | None = None
+        self.frozen = FrozenParts()
+        self.divergence = DivergenceGuard()
+        self.random_streams = RandomStreams()
+        self.register_state_dict_post_hook(_state_dict_hook)
+        self.register_load_state_dict_pre_hook(_load_state_dict_hook)
         self._logged_counts: dict[str, float] = {}  # last value logged per cumulative counter
         self._lora_base: dict[str, frozenset[str]] = {}  # per LoRA-adapted network: its frozen base's keys
-        self._frozen_saved_state: dict[str, dict[str, torch.Tensor]] = {}  # float32 weights of bf16 frozen parts
+
+    @property
+    def skipped_steps(self) -> int:
+        """Bad steps the divergence guard skipped so far (this run and the runs it resumes)."""
+        return self.divergence.skipped_steps
 
     # --- frozen parts ---------------------------------------------------------------------------------------------
     def freeze(self, name: str, module: nn.Module, persistent: bool = False) -> nn.Module:
@@ -137,27 +172,12 @@ class Stage(L.LightningModule):
         ``<name>.``, loaded back by ``load_state_dict``) only when ``persistent``: for parts that must travel with
         the checkpoint (Stage A inside Stage B, a randomly initialised text encoder inside Stage C).
         """
-        module.requires_grad_(False).eval()
-        self._frozen[name] = (module, persistent)
+        self.frozen.add(name, module, persistent)
         object.__setattr__(self, name, module)  # not nn.Module.__setattr__: no submodule registration
         return module
 
     def frozen_modules(self) -> dict[str, nn.Module]:
-        return {name: module for name, (module, _) in self._frozen.items()}
-
-    def run_frozen_in(self, dtype: torch.dtype) -> None:
-        """Cast the frozen parts to ``dtype`` (bf16 under a bf16 precision: half the memory and the fast kernels).
-        A persistent part keeps its float32 weights for checkpoints (on the host), so saving never rounds them."""
-        for name, (module, persistent) in self._frozen.items():
-            if persistent and name not in self._frozen_saved_state:
-                self._frozen_saved_state[name] = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-            module.to(dtype=dtype)
-            # Callers also run them outside autocast (callbacks, statistics): each layer takes its inputs in its
-            # weights' dtype, so a float32 tensor handed to a bf16 part works anywhere.
-            for layer in module.modules():
-                if next(layer.parameters(recurse=False), None) is not None and not hasattr(layer, "_casts_inputs"):
-                    layer.register_forward_pre_hook(_cast_inputs_to_weights, with_kwargs=True)
-                    layer._casts_inputs = True
+        return self.frozen.modules()
 
     def sharded_modules(self) -> list[nn.Module]:
         """What a sharding strategy shards: the direct submodules with parameters (the trained networks, Stage A's
@@ -171,8 +191,8 @@ class Stage(L.LightningModule):
         trainer = self._trainer
         if trainer is None:
             return
-        if str(trainer.precision).startswith("bf16"):
-            self.run_frozen_in(torch.bfloat16)
+        if str(trainer.precision).startswith("bf16"):  # half the memory and the fast kernels
+            self.frozen.run_in(torch.bfloat16)
         shard = getattr(trainer.strategy, "shard_stage", None)
         if shard is not None:
             shard(self.sharded_modules())
@@ -181,14 +201,12 @@ class Stage(L.LightningModule):
 
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
-        for module, _ in self._frozen.values():
-            module._apply(fn, recurse)
+        self.frozen.apply(fn, recurse)
         return self
 
     def train(self, mode: bool = True):
         super().train(mode)
-        for module, _ in self._frozen.values():
-            module.eval()
+        self.frozen.eval()
         return self
 
     # --- what is trained ------------------------------------------------------------------------------------------
@@ -226,14 +244,16 @@ class Stage(L.LightningModule):
     def configure_optimizers(self):
         """AdamW over exactly the trained networks, stepped per step (``self.optimizer_config``)."""
         optimizer, scheduler = self.optimizer_config.build(
-            self.trained_parameters(), total_steps=self.trainer.max_steps
+            self.trained_parameters(),
+            total_steps=self.trainer.max_steps,
+            scaled_gradients=getattr(self.trainer.precision_plugin, "scaler", None) is not None,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         clip = gradient_clip_val if gradient_clip_val is not None else self.optimizer_config.grad_clip
         algorithm = gradient_clip_algorithm or "norm"
-        norm, self._gradient_norm = self._gradient_norm, None
+        norm = self.divergence.take_norm()
         if not clip:
             return
         if norm is not None and algorithm == "norm":
@@ -250,39 +270,18 @@ class Stage(L.LightningModule):
             if not self.gradients_are_finite(parameters):
                 for p in parameters:
                     p.grad = None  # AdamW leaves parameters without a gradient alone: the step is skipped
-                self._gradient_norm = None
 
     def gradients_are_finite(self, parameters: list[nn.Parameter]) -> bool:
-        """Whether this step's gradients are finite on every rank (one host sync per step: the price of stopping
-        at the step that went wrong). A non-finite loss gives non-finite gradients, so it is caught here too.
-
-        A bad step is counted; past ``optimizer.max_skipped_steps`` the run stops with :class:`DivergenceError`
-        (before the optimiser touches the weights, so the weights, the EMA and every checkpoint stay finite).
-        """
+        """Whether this step's gradients are finite on every rank (:class:`DivergenceGuard`; past
+        ``optimizer.max_skipped_steps`` bad steps the run stops with a :class:`DivergenceError`)."""
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             return True  # fp16: the GradScaler skips steps with inf gradients and lowers its scale by itself
-        gradients = [p.grad for p in parameters if p.grad is not None]
-        if not gradients:
-            return True
-        norm = torch.nn.utils.get_total_norm(gradients)
-        self._gradient_norm = norm
-        if self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(norm)), all=True):
-            return True
-        self.skipped_steps += 1
-        loss = "?" if self._last_loss is None else f"{self._last_loss.item():.6g}"
-        what = f"non-finite training at step {self.global_step}: gradient norm {norm.item():.6g}, loss {loss}"
         allowed = self.optimizer_config.max_skipped_steps
-        if self.skipped_steps > allowed:
-            raise DivergenceError(
-                f"diverged: {what} ({self.skipped_steps} bad step(s), optimizer.max_skipped_steps={allowed}); "
-                f"no checkpoint was written after it"
-            )
-        rank_zero_warn(f"{what}: step skipped ({self.skipped_steps} of {allowed} allowed)")
-        return False
+        return self.divergence.gradients_finite(parameters, self.trainer.strategy, self.global_step, allowed)
 
     def log_training(self, loss: torch.Tensor, batch_size: int) -> None:
         """The per-step training logs every stage writes (host values only: no device sync)."""
-        self._last_loss = loss.detach()
+        self.divergence.last_loss = loss.detach()
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         # The counters are cumulative: between the steps the logger writes, only a changed value needs logging (so
         # the last value is always the one logged), and each self.log costs about 1 ms on the host (a tenth of a toy
@@ -299,44 +298,28 @@ class Stage(L.LightningModule):
         return True
 
     # --- checkpoints ----------------------------------------------------------------------------------------------
-    def checkpoint_configs(self) -> dict[str, Any]:
-        """The configs (dataclasses or plain values) the checkpoint loaders need to rebuild this stage's networks."""
+    def checkpoint_record(self) -> StageRecord:
+        """What the loaders need to rebuild this stage's networks (:mod:`lit_wuerstchen.records`); the training state
+        is added by :meth:`on_save_checkpoint`."""
         raise NotImplementedError
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # The last line of defence: a checkpoint with a non-finite weight or average is never written.
-        for section in ("state_dict", "ema_state_dict"):
-            for key, value in checkpoint.get(section, {}).items():
-                if value.is_floating_point() and not self._finite(value):
-                    raise DivergenceError(
-                        f"diverged: {section} entry {key} is non-finite at step {self.global_step}; "
-                        f"not writing the checkpoint (the previous one is the last good one)"
-                    )
-        checkpoint[RECORD] = stage_record(
-            self.stage, skipped_steps=self.skipped_steps, rng_states=_gather(rng_states()), **self.checkpoint_configs()
-        )
-
-    def _finite(self, value: torch.Tensor) -> bool:
-        """Whether every element is finite; a sharded tensor (FSDP) is checked shard by shard on every rank."""
-        from torch.distributed.tensor import DTensor
-
-        if isinstance(value, DTensor):
-            local = bool(torch.isfinite(value.to_local()).all())
-            return self.trainer.strategy.reduce_boolean_decision(local, all=True)
-        return bool(torch.isfinite(value).all())
+        self.divergence.check_checkpoint(checkpoint, self.trainer.strategy, self.global_step)
+        record = self.checkpoint_record()
+        record.training = TrainingState(skipped_steps=self.skipped_steps, rng_states=self.random_streams.capture())
+        checkpoint[RECORD_KEY] = record.to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        record = checkpoint.get(RECORD, {})
-        self.skipped_steps = int(record.get("skipped_steps", 0))
-        states = record.get("rng_states") or []
-        self._rng_to_restore = states[self.global_rank] if self.global_rank < len(states) else None
+        source = getattr(self._trainer, "ckpt_path", None) or "the checkpoint being loaded"
+        self.restore_from_record(record_from_dict(checkpoint.get(RECORD_KEY), source))
+
+    def restore_from_record(self, record: StageRecord) -> None:
+        """What a resumed run takes back from its checkpoint's record (a subclass adds its own)."""
+        self.divergence.skipped_steps = record.training.skipped_steps
+        self.random_streams.restore_later(record.training.rng_states, self.global_rank)
 
     def on_train_start(self) -> None:
-        # The random streams continue where the checkpoint left them (noise, t, dropout, caption drops: a resumed
-        # run draws what the uninterrupted one would have). Restored here, once setup and the sanity check are over.
-        if getattr(self, "_rng_to_restore", None) is not None:
-            set_rng_states(self._rng_to_restore)
-            self._rng_to_restore = None
+        self.random_streams.restore()
 
     # --- images and logging ---------------------------------------------------------------------------------------
     def log_images(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -372,16 +355,6 @@ class Stage(L.LightningModule):
         return None
 
 
-def _cast_inputs_to_weights(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    dtype = next(layer.parameters(recurse=False)).dtype
-
-    def cast(value):
-        floating = isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != dtype
-        return value.to(dtype) if floating else value
-
-    return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
-
-
 def compile_networks(networks, per_block: bool = False) -> None:
     """``torch.compile`` the networks in place (``nn.Module.compile``: parameter names stay as they are, so
     checkpoints do not change). ``per_block``: each block on its own instead (FSDP gathers weights between blocks,
@@ -394,48 +367,14 @@ def compile_networks(networks, per_block: bool = False) -> None:
                 module.compile()
 
 
-def rng_states() -> dict[str, Any]:
-    """This process's random generator states, as plain values (so checkpoints load with ``weights_only``)."""
-    name, keys, position, has_gauss, cached = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
-        "numpy": [name, keys.tolist(), int(position), int(has_gauss), float(cached)],
-        "python": random.getstate(),
-    }
-
-
-def set_rng_states(states: dict[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
-    if states.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states["cuda"])
-    name, keys, position, has_gauss, cached = states["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
-    version, internal, gauss = states["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
-def _gather(value: Any) -> list[Any]:
-    """``value`` of every rank, in rank order (a collective under DDP: checkpoints are dumped on every rank)."""
-    if dist.is_available() and dist.is_initialized():
-        values = [None] * dist.get_world_size()
-        dist.all_gather_object(values, value)
-        return values
-    return [value]
-
-
-def _frozen_state_dict_hook(module: Stage, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    for name, (frozen, persistent) in module._frozen.items():
-        if persistent:
-            saved = module._frozen_saved_state.get(name) or frozen.state_dict()
-            for key, value in saved.items():
-                state_dict[f"{prefix}{name}.{key}"] = value
+def _state_dict_hook(module: Stage, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    module.frozen.save_into(state_dict, prefix)
     for name, base in module._lora_base.items():  # a LoRA run saves its adapters, not the base it started from
         for key in base:
             state_dict.pop(f"{prefix}{name}.{key}", None)
 
 
-def _frozen_load_state_dict_hook(
+def _load_state_dict_hook(
     module: Stage,
     state_dict: dict,
     prefix: str,
@@ -445,19 +384,7 @@ def _frozen_load_state_dict_hook(
     unexpected_keys: list,
     error_msgs: list,
 ) -> None:
-    """Route a persistent frozen part's entries into it (they are not the module tree's, so nn.Module would call them
-    unexpected); a persistent part missing from the checkpoint is reported like any missing key."""
-    for name, (frozen, persistent) in module._frozen.items():
-        head = f"{prefix}{name}."
-        own = {key[len(head) :]: state_dict.pop(key) for key in [k for k in state_dict if k.startswith(head)]}
-        if not persistent:
-            unexpected_keys.extend(head + key for key in own)
-            continue
-        result = frozen.load_state_dict(own, strict=False)
-        if name in module._frozen_saved_state:  # a bf16 part: the float32 weights to save are the loaded ones
-            module._frozen_saved_state[name].update({k: v.detach().cpu().clone() for k, v in own.items()})
-        missing_keys.extend(head + key for key in result.missing_keys)
-        unexpected_keys.extend(head + key for key in result.unexpected_keys)
+    module.frozen.load_from(state_dict, prefix, missing_keys, unexpected_keys)
     for name, base in module._lora_base.items():  # an adapter-only state dict: the base stays as it was built
         current = getattr(module, name).state_dict()
         for key in base:
