@@ -34,9 +34,9 @@ class PerceptualLoss(nn.Module):
         self.requires_grad_(False).eval()
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        value = self.metric(images, targets)
-        self.metric.reset()  # a loss, not an accumulating metric: keep no state (nor its autograd graph) around
-        return value
+        # The metric's network, not the metric: its update refuses values outside [0, 1], which a VQGAN in training
+        # reconstructs (a loss must take them and pass their gradient; clamping would cut it off). Keeps no state.
+        return self.metric.net(images, targets, normalize=True).mean()
 
 
 def hinge_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:

@@ -151,3 +151,7 @@ def test_perceptual_loss_reads_the_cached_backbone_offline(tmp_path, monkeypatch
     value.backward()
     assert value.item() > 0 and reconstruction.grad.abs().sum() > 0
     assert loss(reconstruction.detach(), images).item() == pytest.approx(value.item(), rel=1e-5)  # no state kept
+    overshoot = (images * 1.4 - 0.2).requires_grad_(True)  # a VQGAN in training reconstructs outside [0, 1]
+    value = loss(overshoot, images)
+    value.backward()
+    assert torch.isfinite(value) and value.item() > 0 and overshoot.grad.abs().sum() > 0
