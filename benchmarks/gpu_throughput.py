@@ -1,10 +1,27 @@
 """Training throughput of the released-scale Stage C prior and Stage B decoder: samples/s, TFLOP/s, MFU, memory.
 
-One training step, as the framework trains (``DiffusionStage.diffusion_loss``): ``Diffusion.loss`` of the network on
-random *precomputed-style* inputs (no text encoder, no Stage A, no compressor: random latents and text hidden
-states of the training shapes, made once), backward, optional gradient clipping, an AdamW step (fused where
-available, else foreach) and ``zero_grad``. On a GPU under ``torch.autocast(bfloat16)`` with fp32 weights
-(Lightning's ``bf16-mixed``); on a CPU in fp32.
+Two modes (``--mode``), each case a table row; ``--mode both`` runs both, one after the other per case, and prints
+the framework's overhead beside them:
+
+* ``network`` (the default): one training step, as the framework trains (``DiffusionStage.diffusion_loss``):
+  ``Diffusion.loss`` of the network on random *precomputed-style* inputs (no text encoder, no Stage A, no
+  compressor: random latents and text hidden states of the training shapes, made once), backward, optional gradient
+  clipping, the stages' AdamW (``OptimizerConfig.build``: fused on CUDA, torch's default on a CPU;
+  ``--optimizer-fused`` sets ``optimizer.fused``) and ``zero_grad``.
+* ``fit``: our own training loop: ``Trainer.fit`` of the stage LightningModule (``StageC`` / ``StageB``, built as a
+  run builds them, the trained network the network mode's) for ``--warmup`` + ``--steps`` steps, with the callbacks
+  of every run that work on every step (``EMA``, ``PerfMonitor``, ``LearningRateMonitor``), the stage's own
+  finiteness check and clipping, and a DataLoader repeating one batch of *precomputed* inputs of the same shapes (a
+  ``data precompute`` cache's entries: Stage C reads latents and text states; Stage B reads its Stage A latents and
+  still runs its compressor, trained with it, and its frozen text encoder on every batch). Each step is timed as in
+  the network mode (device synchronised), from the end of the previous step, so Lightning's work between steps
+  counts. The frozen parts are random (the text encoders the released architectures on the released preset).
+  One process, beside the ``ddp`` rows only; the FLOPs are the stage's ``training_flops`` (what PerfMonitor logs).
+  The framework's overhead: 1 - (the same work outside the framework) / (the fit step), the same work being the
+  network mode's step, plus for Stage B its compressor's training step timed alone (``--mode both``), and also with
+  every step time in units of its adjacent matmul probes (load from other jobs cancels out).
+
+On a GPU under ``torch.autocast(bfloat16)`` with fp32 weights (Lightning's ``bf16-mixed``); on a CPU in fp32.
 
 Cases (one table row each), per ``--strategy``:
 
@@ -44,9 +61,9 @@ shares.
 Multi-GPU: ``torchrun --nproc_per_node=8 benchmarks/gpu_throughput.py`` (nccl; gloo on CPU). Without torchrun on a
 machine with several GPUs it runs on GPU 0 and prints the torchrun command.
 
-Usage: python benchmarks/gpu_throughput.py [--stages C B] [--strategy ddp fsdp] [--steps 20] [--warmup 5]
-       [--batch-size N | --batch-c N --batch-b N] [--activation-checkpointing] [--compile]
-       [--preset released|medium|tiny] [--profile] [--json PATH [--overwrite]]
+Usage: python benchmarks/gpu_throughput.py [--mode network|fit|both] [--stages C B] [--strategy ddp fsdp]
+       [--steps 20] [--warmup 5] [--batch-size N | --batch-c N --batch-b N] [--activation-checkpointing] [--compile]
+       [--optimizer-fused true|false|null] [--preset released|medium|tiny] [--profile] [--json PATH [--overwrite]]
 Results: docs/benchmarks.md "GPU throughput (benchmarks/gpu_throughput.py)".
 """
 
@@ -58,25 +75,38 @@ import dataclasses
 import datetime
 import gc
 import json
+import logging
 import math
 import os
 import resource
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.pytorch.loggers import Logger
 from machine import cpu_name, describe  # benchmarks/machine.py (scripts run from benchmarks/)
 from torch import nn
 
 from lit_wuerstchen.diffusion import Diffusion, DiffusionConfig
 from lit_wuerstchen.flops import device_peak_flops, flop_counter
-from lit_wuerstchen.models import DiffNeXt, DiffNeXtConfig, Prior, PriorConfig
+from lit_wuerstchen.models import (
+    CompressorConfig,
+    DiffNeXt,
+    DiffNeXtConfig,
+    Prior,
+    PriorConfig,
+    TextEncoderConfig,
+    VQGANConfig,
+)
+from lit_wuerstchen.stages.base import OptimizerConfig
 
 TEXT_TOKENS = 77
 COMPRESSION = 42.67  # image side / semantic latent side (1024 px -> 24)
@@ -295,15 +325,21 @@ def count_flops(
 
 
 # --- one case --------------------------------------------------------------------------------------------------------
-def make_optimizer(parameters, device: torch.device) -> tuple[torch.optim.Optimizer, str]:
-    """AdamW as the stages configure it (lr 1e-4, weight decay 0.01), fused where this torch has it for the device."""
-    parameters = list(parameters)
-    for kind in ("fused", "foreach"):
-        try:
-            return torch.optim.AdamW(parameters, lr=1e-4, weight_decay=0.01, **{kind: True}), kind
-        except (RuntimeError, TypeError, ValueError):
-            continue
-    return torch.optim.AdamW(parameters, lr=1e-4, weight_decay=0.01), "for-loop"
+def optimizer_config(args) -> OptimizerConfig:
+    """The stages' AdamW (lr 1e-4, weight decay 0.01; ``optimizer.fused`` from ``--optimizer-fused``) with
+    ``--grad-clip``: both modes build their optimizer from it."""
+    return OptimizerConfig(lr=1e-4, weight_decay=0.01, grad_clip=args.grad_clip, fused=args.optimizer_fused)
+
+
+def make_optimizer(parameters, args) -> tuple[torch.optim.Optimizer, str]:
+    """AdamW as the stages build it (``OptimizerConfig.build``: fused on CUDA by default), and which kernel it uses."""
+    optimizer, _ = optimizer_config(args).build(parameters)
+    return optimizer, optimizer_kind(optimizer)
+
+
+def optimizer_kind(optimizer: torch.optim.Optimizer) -> str:
+    defaults = optimizer.defaults
+    return "fused" if defaults.get("fused") else "foreach" if defaults.get("foreach") else "torch's default"
 
 
 def prepare(case: Case, env: Env, args, param_dtype: torch.dtype | None) -> nn.Module:
@@ -351,7 +387,7 @@ def run_case(case: Case, env: Env, args, flops: int, autocast, dtype: torch.dtyp
     started = time.perf_counter()
     network = prepare(case, env, args, param_dtype)
     parameters = [p for p in network.parameters() if p.requires_grad]
-    optimizer, optimizer_kind = make_optimizer(parameters, device)
+    optimizer, kind = make_optimizer(parameters, args)
     diffusion = Diffusion(DiffusionConfig(t_sampler="official", target="eps", loss_weight="p2_official"))
     x0, cond = case.inputs(device)
     loss_fn = training_loss_fn(network, diffusion, x0, cond)
@@ -400,6 +436,7 @@ def run_case(case: Case, env: Env, args, flops: int, autocast, dtype: torch.dtyp
         memory = all_max(env, [float(memory)])[0]
     step_s = statistics.median(times)
     row = {
+        "mode": "network",
         "stage": case.stage,
         "case": case.name,
         "strategy": case.strategy,
@@ -407,7 +444,7 @@ def run_case(case: Case, env: Env, args, flops: int, autocast, dtype: torch.dtyp
         "batch_per_process": case.batch,
         "processes": env.world,
         "input_shapes": {k: list(v) for k, v in case.shapes().items()},
-        "optimizer": f"AdamW ({optimizer_kind})",
+        "optimizer": f"AdamW ({kind})",
         "step_s_median": step_s,
         "step_s_all": times,
         "window_s": window,
@@ -457,6 +494,341 @@ def profile_step(step: Callable[[], torch.Tensor], env: Env, rows: int) -> dict:
         "top": [{"op": e.key, "ms": getattr(e, key) / 1e3, "share": getattr(e, key) / total, "calls": e.count}
                 for e in top],
     }  # fmt: skip
+
+
+# --- fit mode: the framework's own training loop ---------------------------------------------------------------------
+class MetricsLogger(Logger):
+    """What the callbacks log (PerfMonitor's perf/, train/loss), kept in memory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.metrics: list[tuple[int | None, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "gpu_throughput"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.metrics.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def values(self, name: str) -> list[float]:
+        return [float(m[name]) for _, m in self.metrics if name in m]
+
+
+class StepClock(L.Callback):
+    """Each training step's wall time inside ``Trainer.fit``, measured as the network mode measures its steps: from
+    the end of the previous step (after the matmul probe that follows it) to the end of this one, the device
+    synchronised. The loop's own work between steps (the next batch and its copy to the device, Lightning's hooks,
+    the EMA update, the finiteness check, logging) is inside. Listed last: the other callbacks' work of a step
+    happens before its end is stamped."""
+
+    def __init__(self, device: torch.device, warmup: int, probe: Callable[[], float]):
+        self.device, self.warmup, self.probe = device, warmup, probe
+        self.times: list[float] = []
+        self.probes: list[float] = []
+        self.resume: float | None = None
+        self.window_start = self.cpu_start = 0.0
+        self.window = self.cpu_time = 0.0
+        self.last_loss: torch.Tensor | None = None
+        self.peak_memory: int | None = None
+
+    def _start_window(self) -> None:
+        self.probes.append(self.probe())
+        self.window_start, self.cpu_start = time.perf_counter(), time.process_time()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if self.resume is None:  # the first step is timed from its own start
+            if self.warmup == 0:
+                self._start_window()
+            sync(self.device)
+            self.resume = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        sync(self.device)
+        end = time.perf_counter()
+        self.times.append(end - self.resume)
+        self.last_loss = outputs["loss"].detach() if isinstance(outputs, dict) else None
+        done = len(self.times)
+        if done == self.warmup:  # the probe before the first timed step
+            self._start_window()
+        elif done > self.warmup:
+            self.probes.append(self.probe())
+            self.window = time.perf_counter() - self.window_start
+            self.cpu_time = time.process_time() - self.cpu_start
+        self.resume = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.device.type == "cuda":  # since PerfMonitor's last reset (it logs the peaks before)
+            self.peak_memory = torch.cuda.max_memory_allocated(self.device)
+
+
+def text_tower(width: int, layers: int, workdir: Path) -> TextEncoderConfig:
+    """A randomly initialised open_clip text tower of ``width`` with ``layers`` blocks and 77 tokens (a model config
+    written to ``workdir``): the frozen text encoder of the medium and tiny presets."""
+    name = f"gpu-throughput-text-{width}x{layers}"
+    path = workdir / f"{name}.json"
+    vision = {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16}  # never built
+    text = {"context_length": TEXT_TOKENS, "vocab_size": 49408, "width": width, "heads": max(1, width // 64),
+            "layers": layers}  # fmt: skip
+    path.write_text(json.dumps({"embed_dim": width, "vision_cfg": vision, "text_cfg": text}))
+    return TextEncoderConfig(model_name=name, pretrained=None, model_config_file=str(path))
+
+
+def save_stage_checkpoint(module: L.LightningModule, path: Path) -> Path:
+    """``module`` saved as a run saves it (Lightning's checkpoint with the stage's record), without training it."""
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.strategy.connect(module)
+    module.trainer = trainer
+    trainer.save_checkpoint(path, weights_only=True)
+    module.trainer = None
+    return path
+
+
+FIT_FROZEN_VQGAN = VQGANConfig(channels=[16, 32], encoder_blocks=[1, 1], decoder_blocks=[1, 1], codebook_size=64)
+TINY_COMPRESSOR = CompressorConfig(backbone="tiny", pretrained=False, tiny_widths=[8, 16])
+RELEASED_COMPRESSOR = CompressorConfig(affine_norm=True, latent_rounding="ceil", pretrained=False)
+
+
+def fit_stage(case: Case, args, workdir: Path) -> tuple[L.LightningModule, dict]:
+    """The stage LightningModule of ``case`` (its trained network exactly the network mode's) and one batch of
+    *precomputed* inputs of the network mode's shapes, as a ``data precompute`` cache gives them (float16 cache
+    entries): no text encoder, Stage A or compressor runs for the inputs of the prior; Stage B reads its Stage A
+    latents from the cache and still runs its compressor (trained with it) and its text encoder on every batch.
+
+    The frozen parts are random: Stage A (f4) tiny; the text encoder the released architecture on the released
+    preset (ViT-bigG-14 for C, only for the empty prompt of dropped captions; ViT-H-14 for B), else one block of the
+    preset's width; the Stage B that Stage C holds for its validation samples tiny (a released one is ~2 GiB more in
+    bf16)."""
+    from lit_wuerstchen.stages import StageA, StageB, StageC
+
+    quiet = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # the helper Trainers' "GPU available" lines
+    try:
+        stage_a = workdir / "stage_a.ckpt"
+        if not stage_a.exists():
+            save_stage_checkpoint(StageA(vqgan=FIT_FROZEN_VQGAN), stage_a)
+        released = args.preset == "released"
+        diffusion = DiffusionConfig(t_sampler="official", target="eps", loss_weight="p2_official")
+        optimizer = optimizer_config(args)
+        batch_size = case.batch
+        shapes = case.shapes()
+        captions = [f"a photo of thing {i}" for i in range(batch_size)]
+        batch = {"key": [f"{i:08d}" for i in range(batch_size)], "caption": captions}
+        if case.stage == "C":
+            stage_b = workdir / "stage_b_for_c.ckpt"
+            if not stage_b.exists():
+                tiny_decoder = DiffNeXtConfig(
+                    widths=[16, 32], blocks=[1, 1], heads=[0, 2], semantic_levels=[0, 1], r_embedding_dim=16
+                )
+                tiny_b = StageB(stage_a_checkpoint=str(stage_a), compression=COMPRESSION, network=tiny_decoder,
+                                compressor=TINY_COMPRESSOR)  # fmt: skip
+                save_stage_checkpoint(tiny_b, stage_b)
+            width = case.config.text_channels  # ViT-bigG-14 (random weights) at the released width
+            text = TextEncoderConfig(pretrained=None) if released and width == 1280 else text_tower(width, 1, workdir)
+            module = StageC(stage_b_checkpoint=str(stage_b), network=case.config, text_encoder=text,
+                            diffusion=diffusion, optimizer=optimizer, compile=args.compile)  # fmt: skip
+            batch["cache"] = {  # what Stage C reads of its cache entries
+                "semantic": torch.randn(batch_size, *shapes["x0"]).half(),
+                "text_hidden": torch.randn(batch_size, *shapes["text"]).half(),
+            }
+        else:
+            config = case.config
+            text = None
+            if config.text_channels:
+                released_text = released and config.text_channels == 1024
+                text = (TextEncoderConfig(model_name="ViT-H-14", pretrained=None) if released_text
+                        else text_tower(config.text_channels, 1, workdir))  # fmt: skip
+            # the released EfficientNetV2-S (random weights); tiny: a small convnet
+            compressor = TINY_COMPRESSOR if args.preset == "tiny" else RELEASED_COMPRESSOR
+            compressor = dataclasses.replace(compressor, latent_channels=config.semantic_channels)
+            module = StageB(stage_a_checkpoint=str(stage_a), compression=COMPRESSION, network=config,
+                            compressor=compressor, diffusion=diffusion, optimizer=optimizer, text_encoder=text,
+                            compile=args.compile)  # fmt: skip
+            batch["image"] = torch.rand(batch_size, 3, case.side, case.side)
+            batch["cache"] = {"latent": torch.randn(batch_size, *shapes["x0"]).half()}
+    finally:
+        quiet.setLevel(level)
+    return module, batch
+
+
+class RepeatedBatch(torch.utils.data.Dataset):
+    """The same batch ``length`` times: a DataLoader with no work of its own (as one that keeps up)."""
+
+    def __init__(self, batch: dict, length: int):
+        self.batch, self.length = batch, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        return self.batch
+
+
+def time_compressor(module: L.LightningModule, batch: dict, env: Env, args, autocast, dtype: torch.dtype) -> dict:
+    """Stage B's fit step also trains its compressor, which the network mode leaves out: that part alone, timed as
+    the network mode times its steps (forward + backward of a loss on the semantic latent, AdamW, ``zero_grad``;
+    the matmul probes around each step), for the overhead's reference."""
+    import copy
+
+    device = env.device
+    compressor = copy.deepcopy(module.compressor).to(device).train()
+    optimizer, _ = make_optimizer(compressor.parameters(), args)
+    images = batch["image"].to(device)
+
+    def step() -> None:
+        with autocast():
+            loss = compressor(images).float().square().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    probe = MatmulProbe(device, dtype, min(args.matmul_sizes))
+    probes, times = [probe()], []
+    for _ in range(args.steps):
+        sync(device)
+        start = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - start)
+        probes.append(probe())
+    return {"step_s_median": statistics.median(times), "step_s_all": times, "probe_flops_per_s": probes}
+
+
+def matmul_cost(row: dict) -> float:
+    """Median over steps of the step's time x the better of its two adjacent matmul probes: the step in units of
+    matmul work, so that load from other jobs (which slows steps and probes alike) cancels out of comparisons."""
+    times, probes = row["step_s_all"], row["probe_flops_per_s"]
+    return statistics.median(t * max(probes[i], probes[i + 1]) for i, t in enumerate(times))
+
+
+def run_fit_case(case: Case, env: Env, args, dtype: torch.dtype, workdir: Path, autocast) -> dict:
+    """``Trainer.fit`` of the stage module on ``case``'s inputs for ``--warmup`` + ``--steps`` steps, with the
+    callbacks every run has that work on every step (EMA, PerfMonitor, LearningRateMonitor; the stage's finiteness
+    check and clipping are its own), timed per step (:class:`StepClock`)."""
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    from lit_wuerstchen.callbacks import EMA, PerfMonitor
+    from lit_wuerstchen.callbacks.perf import training_flops
+
+    device = env.device
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    torch.manual_seed(0)  # the same weights in every run (timing does not depend on them)
+    started = time.perf_counter()
+    module, batch = fit_stage(case, args, workdir)
+    if device.type == "cuda":  # pinned once, as a DataLoader's pin-memory thread hands batches over
+        batch = {k: ({n: t.pin_memory() for n, t in v.items()} if isinstance(v, dict) else
+                     v.pin_memory() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}  # fmt: skip
+    total = args.warmup + args.steps
+    loader = torch.utils.data.DataLoader(RepeatedBatch(batch, total), batch_size=None, num_workers=0)
+    compressor = None
+    if case.stage == "B" and args.mode == "both":  # the reference of the overhead needs this part too
+        compressor = time_compressor(module, batch, env, args, autocast, dtype)
+    probe = MatmulProbe(device, dtype, min(args.matmul_sizes))
+    clock = StepClock(device, args.warmup, probe)
+    logger = MetricsLogger()
+    monitor = PerfMonitor(peak_tflops=args.peak_tflops)
+    trainer = L.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=[device.index or 0] if device.type == "cuda" else 1,
+        precision="bf16-mixed" if args.precision == "bf16-mixed" else "32-true",
+        max_steps=total,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        log_every_n_steps=max(1, min(50, args.steps)),  # 50: experiments/common/defaults.yaml
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[EMA(decay=0.999), LearningRateMonitor(logging_interval="step"), monitor, clock],
+    )
+    log(env, f"fit {case.name}: building took {time.perf_counter() - started:.1f} s; {args.warmup} warm-up steps + "
+             f"{args.steps} timed, batch {case.batch}")  # fmt: skip
+    trainer.fit(module, train_dataloaders=loader)
+    del probe
+    if len(clock.times) != total:
+        raise RuntimeError(f"fit {case.name}: {len(clock.times)} steps ran, not {total}")
+    times = clock.times[args.warmup :]
+    flops = training_flops(module, batch)  # PerfMonitor's count (the stage's training_flops)
+    of_probe = statistics.median(flops / t / max(clock.probes[i], clock.probes[i + 1]) for i, t in enumerate(times))
+    memory = None
+    if device.type == "cuda":  # PerfMonitor resets the peak at each log: the peaks it logged and the last one
+        logged = [gib * 2**30 for gib in logger.values("perf/peak_memory_gb")]
+        memory = max([float(clock.peak_memory or 0), *logged])
+    step_s = statistics.median(times)
+    network = module.denoiser()
+    perf = {name.removeprefix("perf/"): values[-1] for name in ("perf/samples_per_sec", "perf/tflops_per_sec",
+            "perf/mfu", "perf/peak_memory_gb") if (values := logger.values(name))}  # fmt: skip
+    return {
+        "mode": "fit",
+        "stage": case.stage,
+        "case": f"{case.name} fit",
+        "strategy": case.strategy,
+        "parameters": sum(p.numel() for p in network.parameters()),
+        "trained_parameters": sum(p.numel() for p in module.trained_parameters()),
+        "batch_per_process": case.batch,
+        "processes": env.world,
+        "input_shapes": {k: list(v) for k, v in case.shapes().items()},
+        "optimizer": f"AdamW ({optimizer_kind(trainer.optimizers[0])})",
+        "step_s_median": step_s,
+        "step_s_all": times,
+        "window_s": clock.window,
+        "cpu_share": clock.cpu_time / (clock.window * torch.get_num_threads()) if clock.window else 1.0,
+        "probe_flops_per_s": clock.probes,
+        "of_adjacent_probe_median": of_probe,
+        "samples_per_s": env.world * case.batch / step_s,
+        "flops_per_step_per_process": flops,
+        "achieved_flops_per_s": flops / step_s,
+        "peak_memory_bytes": memory,
+        "final_loss": float(clock.last_loss.float()) if clock.last_loss is not None else float("nan"),
+        "perf_monitor": perf,  # what TensorBoard shows for the last logging interval
+        "compressor_alone": compressor,
+    }
+
+
+def overhead_rows(rows: list[dict]) -> list[dict]:
+    """Per case with both modes: the framework's overhead, 1 - (the same work's time outside the framework) / (the fit
+    step's time). The same work: the network mode's step, plus for Stage B its compressor's training step timed alone
+    (the fit trains it; the network mode does not). Also with each time in units of matmul work (:func:`matmul_cost`),
+    which cancels load from other jobs."""
+    out = []
+    for fit in (r for r in rows if r["mode"] == "fit"):
+        name = fit["case"].removesuffix(" fit")
+        bare = next((r for r in rows if r["mode"] == "network" and r["case"] == name and r["strategy"] == "ddp"
+                     and r["batch_per_process"] == fit["batch_per_process"]), None)  # fmt: skip
+        if bare is None:
+            continue
+        reference_s, reference_cost = bare["step_s_median"], matmul_cost(bare)
+        compressor = fit.get("compressor_alone")
+        if compressor is not None:
+            reference_s += compressor["step_s_median"]
+            reference_cost += matmul_cost(compressor)
+        out.append({
+            "case": name,
+            "samples_per_s_network": bare["samples_per_s"],
+            "samples_per_s_fit": fit["samples_per_s"],
+            "flops_per_step_network": bare["flops_per_step_per_process"],
+            "flops_per_step_fit": fit["flops_per_step_per_process"],
+            "step_s_network": bare["step_s_median"],
+            "step_s_compressor_alone": None if compressor is None else compressor["step_s_median"],
+            "step_s_fit": fit["step_s_median"],
+            "framework_overhead": 1 - reference_s / fit["step_s_median"],
+            "framework_overhead_matmul_units": 1 - reference_cost / matmul_cost(fit),
+        })  # fmt: skip
+    return out
 
 
 # --- the recipe projection -------------------------------------------------------------------------------------------
@@ -559,9 +931,45 @@ def print_projection(projection: list[dict], meta: dict) -> None:
         print("  assumption: the batch at 24x24 is not stated in our sources: --recipe-batch-24 (default 1536)")
 
 
+def print_overhead(overhead: list[dict], rows: list[dict], meta: dict, cpu: bool) -> None:
+    """The fit rows beside the network rows: the framework's overhead, and what PerfMonitor logged in the fit."""
+    fits = [r for r in rows if r["mode"] == "fit"]
+    if not fits:
+        return
+    unit, unit_name = (1e9, "GFLOP") if cpu else (1e12, "TFLOP")
+    if overhead:
+        print(f"\n| case | network step ms | + compressor alone ms | fit step ms | network {unit_name}/step "
+              f"| fit {unit_name}/step | framework overhead | in matmul units |")  # fmt: skip
+        print("|" + " --- |" * 8)
+        for o in overhead:
+            compressor = o["step_s_compressor_alone"]
+            print(
+                f"| {o['case']} | {1000 * o['step_s_network']:,.1f} "
+                f"| {'-' if compressor is None else f'{1000 * compressor:,.1f}'} | {1000 * o['step_s_fit']:,.1f} "
+                f"| {fmt_flops(o['flops_per_step_network'], unit)} | {fmt_flops(o['flops_per_step_fit'], unit)} "
+                f"| {o['framework_overhead']:.1%} | {o['framework_overhead_matmul_units']:.1%} |"
+            )
+        print(
+            "framework overhead = 1 - (network step [+ Stage B's compressor step alone]) / fit step; in matmul units: "
+            "each step's time x its adjacent matmul probe (load from other jobs cancels)"
+        )
+    for r in fits:
+        perf = r["perf_monitor"]
+        if perf:
+            shown = ", ".join(f"{k} {v:,.4g}" for k, v in perf.items())
+            print(f"{r['case']}: PerfMonitor logged (last interval) {shown}; optimizer {r['optimizer']}")
+
+
 # --- main ------------------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--mode",
+        choices=["network", "fit", "both"],
+        default="network",
+        help="network: the bare training step; fit: Trainer.fit of the stage module (EMA, finiteness check, "
+        "PerfMonitor; one process, --strategy ddp only); both: both rows and the framework's overhead",
+    )
     parser.add_argument("--stages", nargs="+", choices=["C", "B"], default=["C", "B"])
     parser.add_argument("--strategy", nargs="+", choices=["ddp", "fsdp"], default=["ddp", "fsdp"])
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 20 on a GPU, 5 on a CPU)")
@@ -589,6 +997,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm (the recipe: 1.0)")
+    parser.add_argument(
+        "--optimizer-fused",
+        type=lambda v: {"true": True, "false": False, "null": None}[v.lower()],
+        default=None,
+        metavar="{true,false,null}",
+        help="optimizer.fused of both modes (null: the stages' default, fused on CUDA only)",
+    )
     parser.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per GPU for MFU (default: from the GPU name)")
     parser.add_argument("--matmul-sizes", type=int, nargs="+", help="default: 2048 3072 4096 CPU, 8192 16384 GPU")
     parser.add_argument("--recipe-batch-24", type=int, default=1536, help="Stage C recipe batch at 24x24 (assumed)")
@@ -620,6 +1035,13 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     args.matmul_sizes = args.matmul_sizes or ([8192, 16384] if cuda else [2048, 3072, 4096])
     if args.steps < 1 or args.warmup < 0:
         raise SystemExit("error: --steps must be >= 1 and --warmup >= 0")
+    if args.mode != "network":
+        if args.activation_checkpointing or args.profile:
+            raise SystemExit("error: --mode fit/both: no --activation-checkpointing or --profile (network mode only)")
+        if "ddp" not in args.strategy:
+            raise SystemExit("error: --mode fit/both runs on one device: include --strategy ddp")
+        if args.mode == "fit":  # fit rows exist for the single-device case only
+            args.strategy = ["ddp"]
     if args.json is not None and args.json.exists() and not args.overwrite:
         raise SystemExit(f"error: {args.json} exists; pass --overwrite to replace it")
     return args
@@ -647,6 +1069,8 @@ def main(argv: list[str] | None = None) -> dict:
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     env = setup_processes(need_group="fsdp" in args.strategy)
+    if args.mode != "network" and env.world > 1:
+        raise SystemExit("error: --mode fit/both runs in one process (Lightning's single-device strategy): no torchrun")
     cpu = env.device.type == "cpu"
     malloc_tuned = cpu and not args.no_malloc_tuning and tune_malloc()
     if args.threads:
@@ -675,32 +1099,41 @@ def main(argv: list[str] | None = None) -> dict:
     diffusion = Diffusion(DiffusionConfig(t_sampler="official", target="eps", loss_weight="p2_official"))
     flop_cache: dict[tuple, int] = {}
     rows = []
+    modes = {"network": ["network"], "fit": ["fit"], "both": ["network", "fit"]}[args.mode]
+    workdir = tempfile.TemporaryDirectory(prefix="gpu_throughput_") if "fit" in modes else None
     for i, case in enumerate(cases):
         if i:  # the ceiling before every case: other jobs on the machine come and go
             ceilings.append(matmul_ceiling(env.device, dtype, args.matmul_sizes, repeats=3 if cpu else 10))
-        row = None
-        while row is None:
-            key = (case.stage, case.side, case.batch)
-            if key not in flop_cache:
-                flop_cache[key] = count_flops(case.build, lambda d, c=case: c.inputs(d), diffusion)
-            try:
-                row = run_case(case, env, args, flop_cache[key], autocast, dtype)
-            except torch.OutOfMemoryError:
-                if env.world > 1 or case.batch == 1:  # ranks cannot agree on a retry: stop (torchrun ends the rest)
-                    raise SystemExit(
-                        f"error: {case.strategy} {case.name} ran out of GPU memory at batch {case.batch} per GPU: "
-                        "pass a smaller --batch-c / --batch-b (or --activation-checkpointing, --strategy fsdp)"
-                    ) from None
-                log(env, f"{case.strategy} {case.name}: out of memory at batch {case.batch}; retrying at "
-                         f"{case.batch // 2}")  # fmt: skip
-                case = dataclasses.replace(case, batch=case.batch // 2)
-            finally:
-                gc.collect()
-                if env.device.type == "cuda":
-                    torch.cuda.empty_cache()
-        rows.append(row)
-        log(env, f"{case.strategy} {case.name}: {1000 * row['step_s_median']:.1f} ms/step, "
-                 f"{row['samples_per_s']:.2f} samples/s, loss {row['final_loss']:.4f}")  # fmt: skip
+        # fit runs on one device with Lightning's single-device strategy: beside the ddp rows only
+        for mode in modes if case.strategy == "ddp" else ["network"]:
+            row = None
+            while row is None:
+                try:
+                    if mode == "fit":
+                        row = run_fit_case(case, env, args, dtype, Path(workdir.name), autocast)
+                    else:
+                        key = (case.stage, case.side, case.batch)
+                        if key not in flop_cache:
+                            flop_cache[key] = count_flops(case.build, lambda d, c=case: c.inputs(d), diffusion)
+                        row = run_case(case, env, args, flop_cache[key], autocast, dtype)
+                except torch.OutOfMemoryError:
+                    if env.world > 1 or case.batch == 1:  # ranks cannot agree on a retry: stop (torchrun ends the rest)
+                        raise SystemExit(
+                            f"error: {case.strategy} {case.name} ran out of GPU memory at batch {case.batch} per "
+                            "GPU: pass a smaller --batch-c / --batch-b (or --activation-checkpointing, --strategy fsdp)"
+                        ) from None
+                    log(env, f"{case.strategy} {case.name} ({mode}): out of memory at batch {case.batch}; retrying "
+                             f"at {case.batch // 2}")  # fmt: skip
+                    case = dataclasses.replace(case, batch=case.batch // 2)  # both modes then run at this batch
+                finally:
+                    gc.collect()
+                    if env.device.type == "cuda":
+                        torch.cuda.empty_cache()
+            rows.append(row)
+            log(env, f"{case.strategy} {row['case']}: {1000 * row['step_s_median']:.1f} ms/step, "
+                     f"{row['samples_per_s']:.2f} samples/s, loss {row['final_loss']:.4f}")  # fmt: skip
+    if workdir is not None:
+        workdir.cleanup()
 
     # The ceiling once more after the cases. It is a peak: the best of all measurements (load from other jobs only
     # lowers it); over ranks, the slowest rank's.
@@ -722,6 +1155,8 @@ def main(argv: list[str] | None = None) -> dict:
         "activation_checkpointing": args.activation_checkpointing,
         "compile": args.compile,
         "grad_clip": args.grad_clip,
+        "mode": args.mode,
+        "optimizer_fused": args.optimizer_fused,
         "steps": args.steps,
         "warmup": args.warmup,
         "peak_flops": peak,
@@ -735,10 +1170,13 @@ def main(argv: list[str] | None = None) -> dict:
         "argv": sys.argv[1:] if argv is None else argv,
     }
     released = args.preset == "released" and env.device.type == "cuda"
-    projection = project_stage_c(rows, args, peak) if released else []
-    results = {"meta": meta, "cases": rows, "stage_c_projection": projection}
+    network_rows = [r for r in rows if r["mode"] == "network"]
+    projection = project_stage_c(network_rows, args, peak) if released and network_rows else []
+    overhead = overhead_rows(rows)
+    results = {"meta": meta, "cases": rows, "framework_overhead": overhead, "stage_c_projection": projection}
     if env.main:
         print_table(rows, meta, cpu)
+        print_overhead(overhead, rows, meta, cpu)
         if cpu:
             for r in rows:
                 ratio = r["achieved_flops_per_s"] / ceiling

@@ -1,20 +1,24 @@
 """Training performance in TensorBoard under ``perf/``: throughput, achieved FLOP/s and MFU, peak memory and the share
-of time spent waiting for data (:class:`PerfMonitor`)."""
+of time spent waiting for data (:class:`PerfMonitor`); the training FLOPs of a step in the model summary
+(:class:`TrainingFlopsSummary`)."""
 
 from __future__ import annotations
 
 import collections
 import sys
 import time
+import weakref
 from typing import Any
 
 import torch
 from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelSummary, RichModelSummary
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
 
 from lit_wuerstchen.flops import device_peak_flops
+from lit_wuerstchen.lightning_private import accumulating, logs_written_now
 
 # trainer.precision -> the dtype the peak FLOP/s table is read for
 _COMPUTE_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16, "64": torch.float64}
@@ -29,9 +33,10 @@ class PerfMonitor(Callback):
       every rank takes the same batch size); ``perf/images_per_sec``: the same number, since one sample is one image
       in every stage;
     - ``perf/tflops_per_sec``: model TFLOP/s achieved per device: the FLOPs of one training step, counted once on
-      the first batch by ``pl_module.training_flops(batch)`` (forward and backward of the trained networks only;
-      see :meth:`lit_wuerstchen.stages.base.Stage.training_flops`), times the steps, over the time; not logged for
-      a module that counts none (Stage A);
+      the first batch by ``pl_module.training_flops(batch)`` (forward and backward of the trained networks; see
+      :meth:`lit_wuerstchen.stages.base.Stage.training_flops`; counted again when the module's
+      ``training_flops_phase`` changes, e.g. Stage A's discriminator starting), times the steps, over the time; not
+      logged for a module that counts none;
     - ``perf/mfu``: model FLOPs utilisation, ``tflops_per_sec`` over the device's peak (``peak_tflops``, else
       Lightning's table of GPUs for the run's precision, the H200 at its dense rate:
       :func:`lit_wuerstchen.flops.device_peak_flops`); not logged where neither is known (e.g. on a CPU);
@@ -43,6 +48,11 @@ class PerfMonitor(Callback):
 
     Rates are averaged over the last ``window`` logging intervals; validation loops are left out of every time.
     The clock starts at the end of the first training batch (which also counts the FLOPs), so warm-up is left out.
+
+    For a module that counts its training FLOPs, Lightning's model summary (``ModelSummary`` / ``RichModelSummary``,
+    the Trainer's default) is replaced by :class:`TrainingFlopsSummary`, which prints the same table at the first
+    training batch with that count as its "Total FLOPs" (Lightning's own is 0: it counts a forward of
+    ``example_input_array``, which the stages do not have).
 
     The arithmetic is Lightning's :class:`~lightning.fabric.utilities.throughput.Throughput`; Lightning's
     ``ThroughputMonitor`` callback is not used because it synchronises the device after every batch (and logs under
@@ -72,7 +82,8 @@ class PerfMonitor(Callback):
         self._last_end: float | None = None  # active-clock time at the end of the previous batch
         self._wait = 0.0  # seconds outside the training step since the origin
         self._batches = self._samples = 0  # since the origin
-        self._flops_batches = 0  # batches since the last Throughput update
+        self._flops_phase: Any = None  # pl_module.training_flops_phase when the FLOPs were counted
+        self._flops_since_update = 0  # FLOPs of the batches since the last Throughput update
         self._waits: collections.deque[tuple[float, float]] = collections.deque(maxlen=self.window + 1)
 
     # Timing is host wall-clock. On CUDA the device is synchronised only at the end of a logging step, so the time of a
@@ -86,6 +97,10 @@ class PerfMonitor(Callback):
         device = trainer.strategy.root_device
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit" and callable(getattr(pl_module, "training_flops", None)):
+            use_training_flops_summary(trainer)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._reset()
@@ -105,7 +120,9 @@ class PerfMonitor(Callback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if not trainer.is_global_zero or self._throughput is None:
             return
-        if self._origin is None:  # the first batch of this fit
+        phase = getattr(pl_module, "training_flops_phase", None)  # a host value: no device sync
+        if self._origin is None or phase != self._flops_phase:  # the first batch of this fit, or other work now
+            self._flops_phase = phase
             self._flops_per_batch = self._count_flops(pl_module, batch)
         if self._last_end is not None:
             self._wait += self._now() - self._last_end
@@ -120,9 +137,10 @@ class PerfMonitor(Callback):
             return
         self._batches += 1
         self._samples += _batch_size(batch)
-        self._flops_batches += 1
+        if self._flops_per_batch is not None:
+            self._flops_since_update += self._flops_per_batch
         # Lightning's own logging cadence (as LearningRateMonitor), once the accumulated batches made their step
-        if trainer.fit_loop._should_accumulate() or not trainer._logger_connector.should_update_logs:
+        if accumulating(trainer) or not logs_written_now(trainer):
             self._last_end = self._now()
             return
         self._sync(trainer)
@@ -146,12 +164,7 @@ class PerfMonitor(Callback):
 
     # --- the numbers ----------------------------------------------------------------------------------------------
     def _count_flops(self, pl_module: LightningModule, batch: Any) -> int | None:
-        count = getattr(pl_module, "training_flops", None)
-        try:
-            flops = count(batch) if callable(count) else getattr(pl_module, "flops_per_batch", None)
-        except Exception as error:  # a monitor must not stop a run
-            rank_zero_warn(f"perf: counting the training FLOPs failed ({type(error).__name__}: {error}); no TFLOP/s")
-            return None
+        flops = training_flops(pl_module, batch)
         if flops is None:
             rank_zero_info(
                 f"perf: {type(pl_module).__name__} counts no training FLOPs: perf/tflops_per_sec and perf/mfu "
@@ -159,12 +172,12 @@ class PerfMonitor(Callback):
             )
             return None
         rank_zero_info(f"perf: {flops / 1e9:.3g} GFLOP per training step and device (forward + backward)")
-        return int(flops)
+        return flops
 
     def _update(self) -> None:
         assert self._throughput is not None and self._last_end is not None and self._origin is not None
-        flops = None if self._flops_per_batch is None else self._flops_per_batch * self._flops_batches
-        self._flops_batches = 0
+        flops = None if self._flops_per_batch is None else self._flops_since_update
+        self._flops_since_update = 0
         elapsed = self._last_end - self._origin
         self._throughput.update(time=elapsed, batches=self._batches, samples=self._samples, flops=flops)
         self._waits.append((elapsed, self._wait))
@@ -186,6 +199,95 @@ class PerfMonitor(Callback):
         (time0, wait0), (time1, wait1) = self._waits[0], self._waits[-1]
         metrics["perf/data_wait_fraction"] = min(1.0, max(0.0, (wait1 - wait0) / (time1 - time0)))
         return {name: float(value) for name, value in metrics.items()}
+
+
+# --- the training FLOPs of a step, counted once per batch shape (PerfMonitor and the summary share the count) -------
+_COUNTS: weakref.WeakKeyDictionary[LightningModule, dict[tuple, int | None]] = weakref.WeakKeyDictionary()
+
+
+def training_flops(pl_module: LightningModule, batch: Any) -> int | None:
+    """``pl_module.training_flops(batch)`` (else its ``flops_per_batch``), counted once per batch shape and
+    ``training_flops_phase``; None where the module counts none or the count fails (warned once: a monitor must not
+    stop a run)."""
+    key = (_shapes(batch), getattr(pl_module, "training_flops_phase", None))
+    counts = _COUNTS.setdefault(pl_module, {})
+    if key not in counts:
+        count = getattr(pl_module, "training_flops", None)
+        try:
+            flops = count(batch) if callable(count) else getattr(pl_module, "flops_per_batch", None)
+        except Exception as error:
+            rank_zero_warn(f"perf: counting the training FLOPs failed ({type(error).__name__}: {error}); no TFLOP/s")
+            flops = None
+        counts[key] = None if flops is None else int(flops)
+    return counts[key]
+
+
+def _shapes(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    if isinstance(value, dict):
+        return tuple((k, _shapes(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        if value and isinstance(value[0], (torch.Tensor, dict, list, tuple)):
+            return tuple(_shapes(v) for v in value)
+        return len(value)  # captions, keys: how many
+    return None
+
+
+# --- the model summary with the training FLOPs -----------------------------------------------------------------------
+def use_training_flops_summary(trainer: Trainer) -> None:
+    """Replace Lightning's model summary callback (``ModelSummary`` / ``RichModelSummary`` as such, not a subclass
+    someone chose) with :class:`TrainingFlopsSummary` / :class:`RichTrainingFlopsSummary` of the same settings. With
+    ``enable_model_summary=False`` there is none: nothing is printed."""
+    for index, callback in enumerate(trainer.callbacks):
+        if type(callback) in (ModelSummary, RichModelSummary):
+            cls = RichTrainingFlopsSummary if type(callback) is RichModelSummary else TrainingFlopsSummary
+            trainer.callbacks[index] = cls(callback._max_depth, **callback._summarize_kwargs)
+
+
+class _TrainingFlopsSummaryMixin:
+    """Lightning's model summary, printed at the first training batch, with "Total FLOPs" the training FLOPs of one
+    step on that batch (``pl_module.training_flops(batch)``: forward + backward, counted on the meta device, the
+    count :class:`PerfMonitor` uses) instead of Lightning's 0. The per-layer FLOPs column, which Lightning fills from
+    a forward of ``example_input_array``, shows "-" where that is absent."""
+
+    total_flops: int | None = None
+    """The count printed (None before the first batch or where the module counts none)."""
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._pending = bool(self._max_depth)  # the batch's shapes are needed: printed at the first batch
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if not getattr(self, "_pending", False) or not trainer.is_global_zero:
+            return
+        self._pending = False
+        self.total_flops = training_flops(pl_module, batch)
+        summary = self._summary(trainer, pl_module)
+        data = summary._get_summary_data()
+        if pl_module.example_input_array is None:
+            data = [(name, ["-"] * len(values)) if name == "FLOPs" else (name, values) for name, values in data]
+        self.summarize(
+            data,
+            summary.total_parameters,
+            summary.trainable_parameters,
+            summary.model_size,
+            summary.total_training_modes,
+            total_flops=self.total_flops or 0,
+            **self._summarize_kwargs,
+        )
+        if self.total_flops:
+            rank_zero_info(
+                f"Total FLOPs above: one training step (forward + backward) on a batch of {_batch_size(batch)}, "
+                f"{self.total_flops:,} FLOPs"
+            )
+
+
+class TrainingFlopsSummary(_TrainingFlopsSummaryMixin, ModelSummary):
+    __doc__ = _TrainingFlopsSummaryMixin.__doc__
+
+
+class RichTrainingFlopsSummary(_TrainingFlopsSummaryMixin, RichModelSummary):
+    __doc__ = _TrainingFlopsSummaryMixin.__doc__
 
 
 def _batch_size(batch: Any) -> int:

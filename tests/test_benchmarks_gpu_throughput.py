@@ -5,7 +5,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,3 +114,78 @@ def test_stage_c_projection_arithmetic():
     # 12x12 not measured: the 24x24 FLOP/s on a quarter of the FLOPs, i.e. 4x the samples/s
     assert scaled["gpu_hours"] == pytest.approx((500_000 * 1536 / 40.0 + 364_000 * 1536 / 10.0) / 3600)
     assert scaled["notes"] and "a100_hours_at_same_mfu" not in scaled
+
+
+def run_script(tmp_path: Path, *argv: str) -> tuple[str, dict]:
+    """The script run as users run it (from benchmarks/, a subprocess), its output and --json results."""
+    out = tmp_path / "results.json"
+    command = [sys.executable, "gpu_throughput.py", *argv, "--json", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LIT_WUERSTCHEN_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=REPO / "benchmarks", env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done.stdout, json.loads(out.read_text())
+
+
+def table_rows(stdout: str, first: str) -> list[list[str]]:
+    """The cells of the printed markdown table whose header starts with ``first``."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first} |"))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def positive(cell: str) -> float:
+    value = float(cell.rstrip("%").replace(",", ""))
+    assert math.isfinite(value) and value > 0, cell
+    return value
+
+
+TINY = ["--preset", "tiny", "--strategy", "ddp", "--steps", "2", "--warmup", "1", "--matmul-sizes", "256"]
+
+
+def test_fit_mode_times_the_training_loop_of_the_stage_module(tmp_path):
+    stdout, results = run_script(tmp_path, *TINY, "--mode", "fit", "--stages", "C")
+    (row,) = results["cases"]
+    assert (row["mode"], row["case"]) == ("fit", "C 8x8 fit")
+    assert len(row["step_s_all"]) == 2 and row["optimizer"] == "AdamW (torch's default)"  # the CPU's default
+    # the stage's count, PerfMonitor's: the prior's forward + backward at the network mode's shapes
+    config = PriorConfig(width=128, depth=2, heads=2, text_channels=64, dropout=0.1)
+    diffusion = Diffusion(DiffusionConfig(t_sampler="official", target="eps", loss_weight="p2_official"))
+
+    def inputs(device):
+        return torch.randn(2, 16, 8, 8, device=device), {"text": torch.randn(2, 77, 64, device=device)}
+
+    assert row["flops_per_step_per_process"] == gpu_throughput.count_flops(lambda: Prior(config), inputs, diffusion)
+    assert row["perf_monitor"]["samples_per_sec"] > 0 and row["perf_monitor"]["tflops_per_sec"] > 0
+    (cells,) = table_rows(stdout, "case")
+    assert cells[0] == "C 8x8 fit"
+    for index in (5, 6, 7, 8, 10, 11):  # step ms, samples/s, GFLOP/step, GFLOP/s, of ceiling, of adjacent matmul
+        positive(cells[index])
+    assert not results["framework_overhead"]  # no network row to compare with
+
+
+def test_both_modes_print_the_framework_overhead(tmp_path):
+    stdout, results = run_script(tmp_path, *TINY, "--mode", "both")
+    assert [(r["mode"], r["case"]) for r in results["cases"]] == [
+        ("network", "C 8x8"), ("fit", "C 8x8 fit"), ("network", "B 128px"), ("fit", "B 128px fit")
+    ]  # fmt: skip
+    assert [cells[0] for cells in table_rows(stdout, "case")] == ["C 8x8", "C 8x8 fit", "B 128px", "B 128px fit"]
+    for cells in table_rows(stdout, "case"):
+        for index in (5, 6, 7, 8, 10, 11):
+            positive(cells[index])
+    overhead = table_rows(stdout, "case | network step ms")
+    assert [cells[0] for cells in overhead] == ["C 8x8", "B 128px"]
+    for cells in overhead:
+        for index in (1, 3, 4, 5):  # network step, fit step, FLOPs of each
+            positive(cells[index])
+        for index in (6, 7):  # the overheads: may be ~0 or below on a loaded machine
+            assert math.isfinite(float(cells[index].rstrip("%")))
+    assert overhead[0][2] == "-"  # Stage C: nothing beside the network
+    positive(overhead[1][2])  # Stage B: its compressor's step alone, the part the network mode leaves out
+    c, b = results["framework_overhead"]
+    assert c["flops_per_step_network"] == c["flops_per_step_fit"]  # Stage C: the same work in both modes
+    assert b["flops_per_step_fit"] > b["flops_per_step_network"]  # Stage B's fit also trains its compressor

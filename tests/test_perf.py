@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import math
 import time
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
-from helpers import datamodule, tiny_stage_b, trainer
+from helpers import datamodule, tiny_stage_a, tiny_stage_b, trainer
+from lightning.pytorch.callbacks import ModelSummary
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from lit_wuerstchen.callbacks import PerfMonitor
+from lit_wuerstchen.callbacks.perf import RichTrainingFlopsSummary, TrainingFlopsSummary
+from lit_wuerstchen.errors import ConfigError
 from lit_wuerstchen.flops import flop_counter
+from lit_wuerstchen.losses import hinge_discriminator_loss, hinge_generator_loss
 from lit_wuerstchen.models import PriorConfig, TextEncoderConfig
-from lit_wuerstchen.stages import StageC
+from lit_wuerstchen.stages import OptimizerConfig, StageC
 from lit_wuerstchen.sweep.report import median_value, read_scalars
 
 
@@ -162,3 +167,89 @@ def test_data_wait_fraction_is_high_with_slow_data_and_low_with_fast():
     assert all(0 <= v < 0.2 for v in fast), fast  # the DataLoader's own time, ~0.5 ms
     # a module that counts no FLOPs on a CPU (no peak known): throughput and memory, no TFLOP/s, no MFU
     assert tags == {"perf/samples_per_sec", "perf/images_per_sec", "perf/peak_memory_gb", "perf/data_wait_fraction"}
+
+
+# --- Stage A's FLOPs, the model summary, the fused AdamW option -------------------------------------------------
+def stage_a_step(model, images: torch.Tensor, adversarial: bool) -> torch.Tensor:
+    """The loss of StageA.training_step on the real networks (one backward for both players)."""
+    out = model.vqgan(images, skip_quantization=torch.rand(len(images)) < 0.5)
+    reconstruction = out["reconstruction"]
+    loss = torch.nn.functional.mse_loss(reconstruction, images) + out["vq_loss"]
+    if model.perceptual_loss is not None:
+        loss = loss + model.perceptual_loss(reconstruction, images)
+    if adversarial:
+        model.discriminator.requires_grad_(False)
+        loss = loss + hinge_generator_loss(model.discriminator(reconstruction))
+        model.discriminator.requires_grad_(True)
+        d_real, d_fake = model.discriminator(images), model.discriminator(reconstruction.detach())
+        loss = loss + hinge_discriminator_loss(d_real, d_fake)
+    return loss
+
+
+def test_stage_a_training_flops_equal_a_real_step(tmp_path, monkeypatch):
+    torchvision = pytest.importorskip("torchvision")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # random stand-in LPIPS backbone weights (test_stage_a)
+    weights = torchvision.models.SqueezeNet1_1_Weights.DEFAULT
+    path = tmp_path / "hub" / "checkpoints" / weights.url.rsplit("/", 1)[-1]
+    path.parent.mkdir(parents=True)
+    torch.save(torchvision.models.squeezenet1_1(weights=None).state_dict(), path)
+    batch = {"image": torch.rand(2, 3, 32, 32)}
+    plain = tiny_stage_a()
+    assert plain.training_flops(batch) == counted(lambda: stage_a_step(plain, batch["image"], False)) > 0
+    # from adversarial_start_step the discriminator trains in the same step (global_step is 0 without a trainer)
+    model = tiny_stage_a(perceptual_weight=0.1, perceptual_net="squeeze", adversarial_weight=0.1)
+    assert not model.training_flops_phase
+    without_discriminator = model.training_flops(batch)
+    assert without_discriminator == counted(lambda: stage_a_step(model, batch["image"], False))
+    assert without_discriminator > plain.training_flops(batch)  # LPIPS: forward on both, backward to the images
+    model.hparams.adversarial_start_step = 0
+    assert model.training_flops_phase
+    assert model.training_flops(batch) == counted(lambda: stage_a_step(model, batch["image"], True))
+    assert model.training_flops(batch) > without_discriminator
+
+
+def test_stage_a_logs_tflops_and_counts_again_when_the_discriminator_starts(shapes_dir):
+    torch.manual_seed(0)
+    logger, monitor = MemoryLogger(), PerfMonitor()
+    model = tiny_stage_a(adversarial_weight=0.1, adversarial_start_step=3)
+    trainer(max_steps=6, log_every_n_steps=2, limit_val_batches=0, logger=logger, callbacks=[monitor]).fit(
+        model, datamodule=datamodule(shapes_dir, batches=6)
+    )
+    tflops = [m["perf/tflops_per_sec"] for _, m in logger.metrics if "perf/tflops_per_sec" in m]
+    assert len(tflops) == 3 and all(math.isfinite(v) and v > 0 for v in tflops)
+    batch = {"image": torch.empty(8, 3, 32, 32)}
+    assert monitor._flops_per_batch == model.training_flops(batch)  # the adversarial phase's count at the end
+    model.hparams.adversarial_start_step = 10**9
+    assert monitor._flops_per_batch > model.training_flops(batch)
+
+
+def test_model_summary_shows_the_training_flops_of_a_step(shapes_dir, stage_a_checkpoint, caplog):
+    torch.manual_seed(0)
+    model = tiny_stage_b(stage_a_checkpoint)
+    fit = trainer(max_steps=1, limit_val_batches=0, enable_model_summary=True, callbacks=[PerfMonitor()])
+    with caplog.at_level("INFO"):
+        fit.fit(model, datamodule=datamodule(shapes_dir, batches=1))
+    (summary,) = [c for c in fit.callbacks if isinstance(c, ModelSummary)]
+    assert isinstance(summary, (TrainingFlopsSummary, RichTrainingFlopsSummary))  # Lightning's, replaced
+    assert summary.total_flops == model.training_flops(first_batch(shapes_dir)) > 0
+    assert f"on a batch of 8, {summary.total_flops:,} FLOPs" in caplog.text
+    # without the summary (enable_model_summary=False) nothing is added
+    fit = trainer(max_steps=1, limit_val_batches=0, callbacks=[PerfMonitor()])
+    fit.fit(model, datamodule=datamodule(shapes_dir, batches=1))
+    assert not [c for c in fit.callbacks if isinstance(c, ModelSummary)]
+
+
+def test_optimizer_fused_option():
+    params = [torch.nn.Parameter(torch.randn(3))]
+    # None: fused on CUDA only (on the CPU torch's default: its fused kernel is not bit-identical to it)
+    optimizer, _ = OptimizerConfig().build(params)
+    assert not optimizer.defaults["fused"]
+    cuda = [SimpleNamespace(device=torch.device("cuda"))]
+    assert OptimizerConfig().use_fused(cuda) and not OptimizerConfig().use_fused(cuda, scaled_gradients=True)
+    assert OptimizerConfig(fused=True).build(params)[0].defaults["fused"]  # torch has a CPU kernel
+    assert not OptimizerConfig(fused=False).build(params)[0].defaults["fused"]
+    with pytest.raises(ConfigError, match=r"optimizer.fused: true, but torch .* has no fused AdamW for meta"):
+        OptimizerConfig(fused=True).build([torch.nn.Parameter(torch.randn(3, device="meta"))])
+    with pytest.raises(ConfigError, match="GradScaler"):
+        OptimizerConfig(fused=True).build(params, scaled_gradients=True)
+    OptimizerConfig(fused=True, grad_clip=None).build(params, scaled_gradients=True)  # no clipping: fine

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import copy
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from ..flops import measure_training_flops
 from ..losses import PerceptualLoss, hinge_discriminator_loss, hinge_generator_loss
 from ..metrics import CodebookUsage
 from ..models.vqgan import VQGAN, PatchDiscriminator, VQGANConfig
+from ..records import StageARecord
 from .base import OptimizerConfig, Stage, as_dataclass
 
 
@@ -82,11 +85,17 @@ class StageA(Stage):
 
     def configure_optimizers(self):
         config = self.optimizer_config
-        optimizer, scheduler = config.build(self.vqgan.parameters(), total_steps=self.trainer.max_steps)
+        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None  # 16-mixed: see use_fused
+        optimizer, scheduler = config.build(
+            self.vqgan.parameters(), total_steps=self.trainer.max_steps, scaled_gradients=scaled
+        )
         if self.discriminator is None:
             return [optimizer], [scheduler]
         d_optimizer, d_scheduler = config.build(
-            self.discriminator.parameters(), self.hparams.discriminator_lr, total_steps=self.trainer.max_steps
+            self.discriminator.parameters(),
+            self.hparams.discriminator_lr,
+            total_steps=self.trainer.max_steps,
+            scaled_gradients=scaled,
         )
         return [optimizer, d_optimizer], [scheduler, d_scheduler]
 
@@ -138,7 +147,7 @@ class StageA(Stage):
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         self.manual_backward(total)
-        self._last_loss = loss.detach()
+        self.divergence.last_loss = loss.detach()
         parameters = [p for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]]
         if not self.gradients_are_finite(parameters):
             for p in parameters:
@@ -161,6 +170,49 @@ class StageA(Stage):
         self.log_dict(logs, prog_bar=False, batch_size=images.shape[0])
         self.log_training(loss, images.shape[0])
         return loss
+
+    # --- FLOPs (perf/tflops_per_sec, the model summary) ----------------------------------------------------------
+    def _adversarial(self) -> bool:
+        return self.discriminator is not None and self.global_step >= self.hparams.adversarial_start_step
+
+    @property
+    def training_flops_phase(self) -> bool:
+        """Whether the discriminator trains at this step: the step's FLOPs change at ``adversarial_start_step``, and
+        :class:`lit_wuerstchen.callbacks.PerfMonitor` counts them again when this value changes."""
+        return self._adversarial()
+
+    def training_flops(self, batch: dict) -> int:
+        """Model FLOPs of one training step on ``batch``, as :meth:`training_step` computes it: the VQGAN's forward
+        and backward (the quantiser's code distances included); with ``perceptual_weight`` the frozen LPIPS
+        network's forward on both images and its backward to the reconstruction (the VQGAN's gradient flows
+        through it: not an input that could be cached, unlike Stage B's frozen Stage A); from
+        ``adversarial_start_step`` the discriminator's three forwards and their backwards. Counted with
+        :func:`lit_wuerstchen.flops.measure_training_flops` on meta-device copies (no memory, no compute)."""
+        hp, shape = self.hparams, tuple(batch["image"].shape)
+        with torch.device("meta"):
+            vqgan = VQGAN(self.vqgan.config)
+            discriminator = None
+            if self._adversarial():
+                discriminator = PatchDiscriminator(hp.discriminator_channels, hp.discriminator_layers)
+            images, skip = torch.empty(shape), torch.zeros(shape[0], dtype=torch.bool)
+        lpips = None
+        if self.perceptual_loss is not None:  # torchmetrics' LPIPS network (its metric wrapper checks values)
+            lpips = copy.deepcopy(self.perceptual_loss.metric.net).to("meta")
+
+        def step() -> torch.Tensor:
+            out = vqgan(images, skip_quantization=skip)
+            reconstruction = out["reconstruction"]
+            loss = self._reconstruction_loss(reconstruction, images) + out["vq_loss"]
+            if lpips is not None:
+                loss = loss + lpips(reconstruction.float(), images.float(), normalize=True).mean()
+            if discriminator is not None:
+                discriminator.requires_grad_(False)
+                loss = loss + hinge_generator_loss(discriminator(reconstruction))
+                discriminator.requires_grad_(True)
+                loss = loss + hinge_discriminator_loss(discriminator(images), discriminator(reconstruction.detach()))
+            return loss
+
+        return measure_training_flops(step, lambda loss: loss)
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor, quantize: bool = True) -> torch.Tensor:
@@ -205,5 +257,5 @@ class StageA(Stage):
         images = batch["image"][: self.hparams.num_logged_images]
         return {"input": images, "reconstruction": self.reconstruct(images)}
 
-    def checkpoint_configs(self) -> dict[str, Any]:
-        return {"vqgan": self.vqgan.config}
+    def checkpoint_record(self) -> StageARecord:
+        return StageARecord(vqgan=self.vqgan.config)
