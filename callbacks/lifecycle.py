@@ -26,6 +26,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_wuerstchen.errors import DivergenceError
+from lit_wuerstchen.lightning_private import cluster_environment, stop_as_on_sigterm
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class RunLifecycle(Callback):
 
     # --- preemption signals ---------------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        environment = trainer._accelerator_connector.cluster_environment
+        environment = cluster_environment(trainer)
         slurm_requeue = isinstance(environment, SLURMEnvironment) and environment.auto_requeue
         if stage == "fit" and not slurm_requeue and hasattr(signal, "SIGUSR1"):
             self._previous_sigusr1 = signal.signal(signal.SIGUSR1, lambda signum, frame: self._stop(trainer))
@@ -54,7 +55,7 @@ class RunLifecycle(Callback):
     def _stop(trainer: Trainer) -> None:
         # SIGUSR1 takes SIGTERM's path: Lightning agrees on it across ranks and stops after the current batch.
         log.warning("received SIGUSR1: stopping after the current batch")
-        trainer._signal_connector.received_sigterm = True
+        stop_as_on_sigterm(trainer)
 
     # --- the end of a run -----------------------------------------------------------------------------------------
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

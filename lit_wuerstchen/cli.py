@@ -116,7 +116,7 @@ class WuerstchenCLI(LightningCLI):
             # an invalid setting found while building the model, data or trainer: a config error, not a crash
             raise ConfigError(_root_message(error)) from error
 
-    def _run_subcommand(self, subcommand: str) -> None:
+    def _run_subcommand(self, subcommand: str) -> None:  # private: lightning_private.CLI_RUN_SUBCOMMAND
         try:
             super()._run_subcommand(subcommand)
         except SIGTERMException as error:

@@ -26,11 +26,18 @@ from typing import Any, Literal
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.strategies import ModelParallelStrategy
-from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher, _WorkerOutput
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 from .errors import ConfigError
+from .files import atomic_file
+from .lightning_private import (
+    MultiProcessingLauncher,
+    WorkerOutput,
+    distributed_checkpoint_load,
+    distributed_checkpoint_save,
+    load_distributed_checkpoint,
+)
 from .models.blocks import AttnBlock, DiTBlock, ResBlock
 from .models.diffnext import DiffNeXtBlock
 
@@ -192,15 +199,13 @@ class FSDP(ModelParallelStrategy):
         # One torch.distributed.checkpoint save of weights, optimiser states and averages (every rank writes its
         # shards; a second save into the folder would replace the first's index); the rest goes to meta.pt on rank 0,
         # as Lightning's own sharded save does.
-        from lightning.fabric.strategies.fsdp import _distributed_checkpoint_save
-
         path = Path(self.broadcast(filepath))
         if path.is_file():
             path.unlink()
         path.mkdir(parents=True, exist_ok=True)
         tensors = {"state_dict": checkpoint.pop("state_dict"), EMA_KEY: averages}
         tensors.update({f"optimizer_{i}": state for i, state in enumerate(checkpoint.pop("optimizer_states", []))})
-        _distributed_checkpoint_save(tensors, path)
+        distributed_checkpoint_save(tensors, path)
         if self.global_rank == 0:
             torch.save(checkpoint, path / METADATA_FILE)
 
@@ -213,8 +218,6 @@ class FSDP(ModelParallelStrategy):
 
     def _load_sharded_averages(self, path: Path) -> dict[str, torch.Tensor]:
         """The EMA entries of a sharded folder, as tensors sharded like this run's weights."""
-        from lightning.fabric.strategies.fsdp import _distributed_checkpoint_load
-
         stage = self.lightning_module
         template = {key: value.detach().clone() for key, value in stage.trained_state().items()}
         wanted = {f"{EMA_KEY}.{key}" for key in template}
@@ -227,15 +230,15 @@ class FSDP(ModelParallelStrategy):
                 f"unexpected {extra}"
             )
         state = {EMA_KEY: template}
-        _distributed_checkpoint_load(state, path)
+        distributed_checkpoint_load(state, path)
         return state[EMA_KEY]
 
 
-class _ShardedMultiProcessingLauncher(_MultiProcessingLauncher):
+class _ShardedMultiProcessingLauncher(MultiProcessingLauncher):
     """Lightning's fork/spawn launcher hands rank 0's ``state_dict`` back to the calling process; under FSDP that
     would be rank 0's shards (which cannot be unpickled outside the process group): hand back the full weights."""
 
-    def _collect_rank_zero_results(self, trainer, results: Any) -> _WorkerOutput | None:
+    def _collect_rank_zero_results(self, trainer, results: Any) -> WorkerOutput | None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -248,7 +251,7 @@ class _ShardedMultiProcessingLauncher(_MultiProcessingLauncher):
             self._strategy.checkpoint_io.save_checkpoint(state_dict, weights_path)
         callback = trainer.checkpoint_callback
         best = getattr(callback, "best_model_path", None) if callback else None
-        return _WorkerOutput(best, weights_path, trainer.state, results, self.get_extra_results(trainer))
+        return WorkerOutput(best, weights_path, trainer.state, results, self.get_extra_results(trainer))
 
 
 def is_sharded(trainer) -> bool:
@@ -280,12 +283,10 @@ def read_sharded(folder: str | Path) -> dict[str, Any]:
     """The checkpoint dict of a sharded folder, whole, in this process's memory (no process group needed): the same
     layout as a one-file checkpoint (``state_dict``, ``ema_state_dict``, the stage record, loop states), with the
     optimiser states keyed by parameter name (as FSDP saves them: resume from the folder itself)."""
-    from lightning.fabric.utilities.load import _load_distributed_checkpoint
-
     folder = Path(folder)
     if not is_sharded_checkpoint(folder):
         raise FileNotFoundError(f"{folder} is not a sharded checkpoint folder (no {METADATA_FILE} in it)")
-    checkpoint = _load_distributed_checkpoint(folder)
+    checkpoint = load_distributed_checkpoint(folder)
     optimizers = sorted((k for k in checkpoint if k.startswith("optimizer_")), key=lambda k: int(k.split("_")[1]))
     if optimizers:
         checkpoint["optimizer_states"] = [checkpoint.pop(k) for k in optimizers]
@@ -301,9 +302,8 @@ def consolidate(folder: str | Path, out: str | Path | None = None, overwrite: bo
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists (pass --overwrite to replace it)")
     checkpoint = read_sharded(folder)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(checkpoint, tmp)
-    tmp.replace(out)  # a crash mid-write leaves no half-written checkpoint under the final name
+    with atomic_file(out) as partial:  # a crash mid-write leaves no half-written checkpoint under the final name
+        torch.save(checkpoint, partial)
     return out
 
 
