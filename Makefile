@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install demo test test-all lint benchmark
+.PHONY: install demo test test-all test-min lint benchmark
 
 install: $(INSTALLED)
 
@@ -29,3 +29,16 @@ lint: $(INSTALLED)
 
 benchmark: $(INSTALLED)
 	$(PYTHON) benchmarks/loader_throughput.py
+
+# The fast tests with every runtime dependency at its floor in pyproject.toml (.ci/min_constraints.py; torch and
+# torchvision excepted), in their own .venv-min: a floor that is too low fails here, not on a user's machine.
+VENV_MIN := .venv-min
+test-min: $(VENV_MIN)/.installed
+	HF_HUB_OFFLINE=1 LIT_WUERSTCHEN_OFFLINE=1 $(VENV_MIN)/bin/python -m pytest -q -p no:cacheprovider
+
+$(VENV_MIN)/.installed: pyproject.toml .ci/min_constraints.py
+	test -x $(VENV_MIN)/bin/python || python3 -m venv $(VENV_MIN)
+	$(VENV_MIN)/bin/python -m pip install --quiet --upgrade pip
+	python3 .ci/min_constraints.py > $(VENV_MIN)/constraints.txt
+	$(VENV_MIN)/bin/python -m pip install --quiet -e '.[dev]' -c $(VENV_MIN)/constraints.txt
+	touch $@
