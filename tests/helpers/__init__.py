@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning as L
@@ -75,3 +76,28 @@ def tiny_stage_b(stage_a_checkpoint, **kwargs) -> StageB:
         compressor=TINY_COMPRESSOR,
         **kwargs,
     )
+
+
+class RankRecord(L.Callback):
+    """What this rank trained on, for tests that run training in other processes: its global and node rank, the
+    training shards its data stream owns and the sample keys of every step, written to ``<out>/rank<r>.json`` at the
+    end of fit (``--trainer.callbacks`` can name it as ``helpers.RankRecord`` with tests/ on PYTHONPATH)."""
+
+    def __init__(self, out: str):
+        self.out = out
+        self.keys: dict[int, list[str]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.keys[trainer.global_step] = list(batch["key"])
+
+    def on_train_end(self, trainer, pl_module):
+        dataset = trainer.train_dataloader.dataset
+        record = {
+            "global_rank": trainer.global_rank,
+            "node_rank": trainer.node_rank,
+            "world_size": trainer.world_size,
+            "shards": dataset.worker_shards(0, 1),  # num_workers=0: the one reader owns all of the rank's shards
+            "keys": self.keys,
+        }
+        Path(self.out).mkdir(parents=True, exist_ok=True)
+        (Path(self.out) / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
