@@ -23,6 +23,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 from torch.distributed.utils import _sync_params_and_buffers
 
+from lit_wuerstchen.strategies import is_sharded_tensor
+
 
 class EMA(Callback):
     def __init__(self, decay: float = 0.999, start_step: int = 0, update_every: int = 1):
@@ -82,8 +84,8 @@ class EMA(Callback):
             self._lerp_groups = [
                 group
                 for group in (
-                    [k for k in floating if _is_sharded(self._averages[k])],
-                    [k for k in floating if not _is_sharded(self._averages[k])],
+                    [k for k in floating if is_sharded_tensor(self._averages[k])],
+                    [k for k in floating if not is_sharded_tensor(self._averages[k])],
                 )
                 if group
             ]
@@ -187,16 +189,10 @@ class EMA(Callback):
         return {"decay": self.decay, "start_step": self.start_step, "update_every": self.update_every}
 
 
-def _is_sharded(tensor: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
-
-
 def _like(value: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """A copy of ``value`` laid out as ``weight``: its device and dtype, and its shards under FSDP (a checkpoint
     written unsharded, e.g. by a DDP run, is split like the weights when an FSDP run resumes it)."""
-    if _is_sharded(weight) and not _is_sharded(value):
+    if is_sharded_tensor(weight) and not is_sharded_tensor(value):
         from torch.distributed.tensor import distribute_tensor
 
         value = value.to(device=weight.device, dtype=weight.dtype)
@@ -206,4 +202,4 @@ def _like(value: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def _for_checkpoint(value: torch.Tensor) -> torch.Tensor:
     """A detached copy to save: on the host, or a sharded tensor as it is (the FSDP strategy writes its shards)."""
-    return value.detach().clone() if _is_sharded(value) else value.detach().cpu().clone()
+    return value.detach().clone() if is_sharded_tensor(value) else value.detach().cpu().clone()

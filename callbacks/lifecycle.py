@@ -27,6 +27,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_wuerstchen.errors import DivergenceError
 from lit_wuerstchen.lightning_private import cluster_environment, stop_as_on_sigterm
+from lit_wuerstchen.strategies import is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class RunLifecycle(Callback):
         if isinstance(exception, DivergenceError):
             return
         preempted = isinstance(exception, SIGTERMException)
-        if not preempted and hasattr(trainer.strategy, "shard_stage"):
+        if not preempted and is_sharded(trainer):
             # A sharded save is a collective: every rank must take part, and after a crash on one rank the others
             # are not here (they would wait forever). The last periodic checkpoint is the one to resume from.
             log.warning("%s at step %d: no crash checkpoint under FSDP", type(exception).__name__, trainer.global_step)

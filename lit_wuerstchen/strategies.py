@@ -255,15 +255,21 @@ class _ShardedMultiProcessingLauncher(MultiProcessingLauncher):
 
 
 def is_sharded(trainer) -> bool:
-    """Whether the trainer's networks are sharded: then every forward pass is a collective, so generation for logging
-    or evaluation must run on every rank, the same number of times."""
+    """Whether the trainer's networks are sharded (the one way this is asked): then every forward pass is a
+    collective, so generation for logging or evaluation must run on every rank, the same number of times, and so is
+    every checkpoint save."""
     return isinstance(getattr(trainer, "strategy", None), FSDP)
 
 
-def _full(value: torch.Tensor) -> torch.Tensor:
+def is_sharded_tensor(value: torch.Tensor) -> bool:
+    """Whether a tensor is a shard of a larger one (an FSDP2 ``DTensor``): its values live on every rank."""
     from torch.distributed.tensor import DTensor
 
-    return (value.full_tensor() if isinstance(value, DTensor) else value).detach().cpu()
+    return isinstance(value, DTensor)
+
+
+def _full(value: torch.Tensor) -> torch.Tensor:
+    return (value.full_tensor() if is_sharded_tensor(value) else value).detach().cpu()
 
 
 def _sharded_keys(path: Path, prefix: str) -> set[str]:

@@ -19,6 +19,7 @@ from ..diffusion import Diffusion, DiffusionConfig, SamplingConfig
 from ..errors import ConfigError
 from ..lora import LoraSettings, describe, inject_lora, is_adapter_key
 from ..records import RECORD_KEY, StageRecord, TrainingState, record_from_dict
+from ..strategies import blocks_of, is_sharded
 from .parts import DivergenceGuard, FrozenParts, RandomStreams
 
 
@@ -193,11 +194,11 @@ class Stage(L.LightningModule):
             return
         if str(trainer.precision).startswith("bf16"):  # half the memory and the fast kernels
             self.frozen.run_in(torch.bfloat16)
-        shard = getattr(trainer.strategy, "shard_stage", None)
-        if shard is not None:
-            shard(self.sharded_modules())
+        sharded = is_sharded(trainer)
+        if sharded:
+            trainer.strategy.shard_stage(self.sharded_modules())
         if self.hparams.get("compile", False):
-            compile_networks(self.trained_networks().values(), per_block=shard is not None)
+            compile_networks(self.trained_networks().values(), per_block=sharded)
 
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
@@ -359,8 +360,6 @@ def compile_networks(networks, per_block: bool = False) -> None:
     """``torch.compile`` the networks in place (``nn.Module.compile``: parameter names stay as they are, so
     checkpoints do not change). ``per_block``: each block on its own instead (FSDP gathers weights between blocks,
     which a whole-network graph would have to break around)."""
-    from ..strategies import blocks_of
-
     for network in networks:
         for module in (blocks_of(network) or [network]) if per_block else [network]:
             if getattr(module, "_compiled_call_impl", None) is None:  # configure_model runs for every fit/validate

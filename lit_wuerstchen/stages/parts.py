@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from ..errors import DivergenceError
+from ..strategies import is_sharded_tensor
 
 
 class FrozenParts:
@@ -145,13 +146,11 @@ class DivergenceGuard:
     def check_checkpoint(checkpoint: dict, strategy: Any, step: int) -> None:
         """The last line of defence: a checkpoint with a non-finite weight or average is never written. A sharded
         tensor (FSDP) is checked shard by shard on every rank."""
-        from torch.distributed.tensor import DTensor
-
         for section in ("state_dict", "ema_state_dict"):
             for key, value in checkpoint.get(section, {}).items():
                 if not value.is_floating_point():
                     continue
-                if isinstance(value, DTensor):
+                if is_sharded_tensor(value):
                     finite = strategy.reduce_boolean_decision(bool(torch.isfinite(value.to_local()).all()), all=True)
                 else:
                     finite = bool(torch.isfinite(value).all())
