@@ -82,14 +82,19 @@ def time_optimizer_steps(steps: int, rounds: int) -> dict[str, list[float]]:
     return out
 
 
+def seeded_prior(config: PriorConfig, kind: str) -> tuple[Prior, torch.optim.Optimizer]:
+    """The prior of ``config`` from the same initial weights for every kind, with that kind's AdamW."""
+    torch.manual_seed(0)
+    network = Prior(config).train()
+    return network, build(kind, list(network.parameters()))
+
+
 def time_training_steps(steps: int, rounds: int, batch: int) -> dict[str, list[float]]:
     """Seconds per whole training step of the medium prior, per kind (rounds interleaved; the median step each)."""
     diffusion = Diffusion(DiffusionConfig(t_sampler="official", target="eps", loss_weight="p2_official"))
     setups = {}
     for kind in KINDS:
-        torch.manual_seed(0)
-        network = Prior(MEDIUM).train()
-        optimizer = build(kind, list(network.parameters()))
+        network, optimizer = seeded_prior(MEDIUM, kind)
         x0 = torch.randn(batch, MEDIUM.latent_channels, 24, 24)
         text = torch.randn(batch, 77, MEDIUM.text_channels)
         setups[kind] = (network, optimizer, x0, text)
@@ -121,9 +126,7 @@ def identity(steps: int) -> dict[str, dict]:
     diffusion = Diffusion(DiffusionConfig(t_sampler="official", target="eps", loss_weight="p2_official"))
     weights = {}
     for kind in KINDS:
-        torch.manual_seed(0)
-        network = Prior(SMALL).train()
-        optimizer = build(kind, list(network.parameters()))
+        network, optimizer = seeded_prior(SMALL, kind)
         for _ in range(steps):  # the same random stream for every kind: same batches, t and noise
             x0, text = torch.randn(2, SMALL.latent_channels, 8, 8), torch.randn(2, 77, SMALL.text_channels)
             diffusion.loss(lambda x_t, t, net=network, c=text: net(x_t, t, c), x0).backward()

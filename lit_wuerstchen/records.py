@@ -112,28 +112,32 @@ class StageARecord(StageRecord):
 
 
 @dataclass(kw_only=True)
-class StageBRecord(StageRecord):
+class DiffusionStageRecord(StageRecord):
+    """Stages B and C: their diffusion (training) and validation sampling settings."""
+
+    diffusion: DiffusionConfig
+    sampling: SamplingConfig
+
+
+@dataclass(kw_only=True)
+class StageBRecord(DiffusionStageRecord):
     STAGE: ClassVar[str] = "B"
     decoder: DiffNeXtConfig
     compressor: CompressorConfig
     compression: float
     stage_a: VQGANConfig
     """The frozen Stage A, whose weights travel in the checkpoint under ``stage_a.``."""
-    diffusion: DiffusionConfig
-    sampling: SamplingConfig
     text_encoder: TextEncoderConfig | None = None
     """The frozen text encoder of a text-conditioned decoder (a random-init one travels under ``text_encoder.``)."""
 
 
 @dataclass(kw_only=True)
-class StageCRecord(StageRecord):
+class StageCRecord(DiffusionStageRecord):
     STAGE: ClassVar[str] = "C"
     prior: PriorConfig
     text_encoder: TextEncoderConfig
     """The frozen text encoder (a random-init one travels under ``text_encoder.``)."""
     stage_b_checkpoint: str
-    diffusion: DiffusionConfig
-    sampling: SamplingConfig
     decoder_sampling: SamplingConfig
     image_size: list[int] | None = None
     """The (height, width) training saw, the sampling default."""

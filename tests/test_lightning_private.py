@@ -7,6 +7,7 @@ import inspect
 
 import pytest
 import torch
+from helpers import trainer
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.demos.boring_classes import BoringModel
@@ -17,17 +18,7 @@ from lit_wuerstchen import lightning_private as private
 
 
 def boring_trainer(tmp_path, **kwargs) -> Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-    )
-    return Trainer(**{**defaults, **kwargs})
+    return trainer(limit_val_batches=0, default_root_dir=tmp_path, **kwargs)
 
 
 class Record(Callback):
