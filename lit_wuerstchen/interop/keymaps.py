@@ -11,6 +11,8 @@ express (e.g. a Stage B without text conditioning) is a one-line :class:`Interop
   upsampler]; ``effnet_mappers`` hold the down mappers at indices ``0..L-1`` and the up mappers at ``L..2L-1``,
   deepest level first.
 - Stage A ``VQGAN`` (``residual_block="paella"``) <-> ``PaellaVQModel``.
+- Stable Cascade ``CascadeUNet`` (Stage C and Stage B) <-> ``StableCascadeUNet``: the module names are the released
+  ones, so only the shared blocks' inner names change.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import Mapping
 import torch
 
 from ..errors import CheckpointError
+from ..models.cascade import CascadeUNet, CascadeUNetConfig
 from ..models.diffnext import DiffNeXt, DiffNeXtConfig
 from ..models.prior import Prior, PriorConfig
 from ..models.vqgan import VQGAN, VQGANConfig
@@ -311,6 +314,126 @@ def vqgan_config_from_diffusers(config: Mapping) -> VQGANConfig:
         codebook_size=c["num_vq_embeddings"],
         scale_factor=float(c["scale_factor"]),
         residual_block="paella",
+    )
+
+
+# --- Stable Cascade ---------------------------------------------------------------------------------------------
+_CASCADE_BLOCKS = {"C": "SDCascadeResBlock", "T": "SDCascadeTimestepBlock", "A": "SDCascadeAttnBlock"}
+
+
+def cascade_key_map(config: CascadeUNetConfig) -> dict[str, str]:
+    """``{our CascadeUNet key: StableCascadeUNet key}``."""
+    with torch.device("meta"):
+        state = CascadeUNet(config).state_dict()
+    key_map = {key: _rename_block_key(key) for key in state}
+    _check_covers(state, key_map)
+    return key_map
+
+
+def cascade_config_to_diffusers(config: CascadeUNetConfig) -> dict:
+    """``StableCascadeUNet(**...)`` arguments for the network ``config`` builds (diffusers lists up-path values deepest
+    level first)."""
+    return {
+        "in_channels": config.latent_channels,
+        "out_channels": config.latent_channels,
+        "timestep_ratio_embedding_dim": config.r_embedding_dim,
+        "patch_size": config.patch_size,
+        "conditioning_dim": config.cond_channels,
+        "block_out_channels": list(config.widths),
+        "num_attention_heads": list(config.heads),
+        "down_num_layers_per_block": list(config.down_blocks),
+        "up_num_layers_per_block": list(reversed(config.up_blocks)),
+        "down_blocks_repeat_mappers": list(config.down_repeats),
+        "up_blocks_repeat_mappers": list(reversed(config.up_repeats)),
+        "block_types_per_layer": [[_CASCADE_BLOCKS[t] for t in ("CTA" if h else "CT")] for h in config.heads],
+        "clip_text_in_channels": config.clip_text_channels or None,
+        "clip_text_pooled_in_channels": config.clip_text_pooled_channels,
+        "clip_image_in_channels": config.clip_image_channels or None,
+        "clip_seq": config.clip_tokens,
+        "effnet_in_channels": config.effnet_channels or None,
+        "pixel_mapper_in_channels": config.pixel_channels or None,
+        "kernel_size": config.kernel_size,
+        "dropout": [float(p) for p in config.dropout],
+        "self_attn": list(config.self_attn),
+        "timestep_conditioning_type": list(config.timestep_conditions),
+        "switch_level": None if config.level_resize is None else list(config.level_resize),
+    }
+
+
+def cascade_config_from_diffusers(config: Mapping) -> CascadeUNetConfig:
+    """Our config for a ``StableCascadeUNet`` config dict (its ``config.json``; missing keys take diffusers' defaults);
+    a structure we do not build is an :class:`InteropError`."""
+    c = {
+        "in_channels": 16,
+        "out_channels": 16,
+        "timestep_ratio_embedding_dim": 64,
+        "patch_size": 1,
+        "conditioning_dim": 2048,
+        "block_out_channels": [2048, 2048],
+        "num_attention_heads": [32, 32],
+        "down_num_layers_per_block": [8, 24],
+        "up_num_layers_per_block": [24, 8],
+        "down_blocks_repeat_mappers": [1, 1],
+        "up_blocks_repeat_mappers": [1, 1],
+        "block_types_per_layer": [list(_CASCADE_BLOCKS.values())] * 2,
+        "clip_text_in_channels": None,
+        "clip_text_pooled_in_channels": 1280,
+        "clip_image_in_channels": None,
+        "clip_seq": 4,
+        "effnet_in_channels": None,
+        "pixel_mapper_in_channels": None,
+        "kernel_size": 3,
+        "dropout": [0.1, 0.1],
+        "self_attn": True,
+        "timestep_conditioning_type": ["sca", "crp"],
+        "switch_level": None,
+        **{k: v for k, v in config.items() if not k.startswith("_")},
+    }
+    levels = len(c["block_out_channels"])
+    if c["in_channels"] != c["out_channels"]:
+        raise InteropError(f"StableCascadeUNet with in_channels {c['in_channels']} != out_channels: not supported")
+    if c["down_blocks_repeat_mappers"] is None or c["up_blocks_repeat_mappers"] is None:
+        raise InteropError("StableCascadeUNet without repeat mappers runs no level: set them (1 = no repeat)")
+    if bool(c["clip_text_in_channels"]) != bool(c["clip_image_in_channels"]):
+        raise InteropError("StableCascadeUNet reads clip text and image embeddings together: set both or neither")
+    heads = []
+    for i, types in enumerate(c["block_types_per_layer"]):
+        kind = "".join(k for t in types for k, v in _CASCADE_BLOCKS.items() if v == t)
+        if kind not in ("CT", "CTA") or len(kind) != len(types):
+            raise InteropError(
+                f"level {i}: block types {list(types)} are not supported (ResBlock, TimestepBlock[, Attn])"
+            )
+        heads.append(c["num_attention_heads"][i] if kind == "CTA" else 0)
+    dropout, self_attn = c["dropout"], c["self_attn"]
+    try:
+        return _cascade_config(c, levels, heads, dropout, self_attn)
+    except ValueError as error:  # e.g. a timestep condition other than sca/crp
+        raise InteropError(f"StableCascadeUNet config not supported: {error}") from error
+
+
+def _cascade_config(c: dict, levels: int, heads: list[int], dropout, self_attn) -> CascadeUNetConfig:
+    return CascadeUNetConfig(
+        latent_channels=c["in_channels"],
+        patch_size=c["patch_size"],
+        widths=list(c["block_out_channels"]),
+        heads=heads,
+        down_blocks=list(c["down_num_layers_per_block"]),
+        up_blocks=list(reversed(c["up_num_layers_per_block"])),
+        down_repeats=list(c["down_blocks_repeat_mappers"]),
+        up_repeats=list(reversed(c["up_blocks_repeat_mappers"])),
+        cond_channels=c["conditioning_dim"],
+        clip_text_pooled_channels=c["clip_text_pooled_in_channels"],
+        clip_text_channels=c["clip_text_in_channels"] or 0,
+        clip_image_channels=c["clip_image_in_channels"] or 0,
+        clip_tokens=c["clip_seq"],
+        effnet_channels=c["effnet_in_channels"] or 0,
+        pixel_channels=c["pixel_mapper_in_channels"] or 0,
+        r_embedding_dim=c["timestep_ratio_embedding_dim"],
+        timestep_conditions=list(c["timestep_conditioning_type"]),
+        kernel_size=c["kernel_size"],
+        dropout=[float(dropout)] * levels if isinstance(dropout, (int, float)) else [float(p) for p in dropout],
+        self_attn=[self_attn] * levels if isinstance(self_attn, bool) else list(self_attn),
+        level_resize=None if c["switch_level"] is None else list(c["switch_level"]),
     )
 
 

@@ -1,5 +1,6 @@
 """Pure nn.Modules, each beside the config dataclass that sizes it: no Lightning, no file I/O."""
 
+from .cascade import CascadeUNet, CascadeUNetConfig
 from .compressor import CompressorConfig, SemanticCompressor, semantic_latent_size
 from .diffnext import DiffNeXt, DiffNeXtConfig, perturb_semantic
 from .prior import Prior, PriorConfig
@@ -8,6 +9,8 @@ from .vqgan import VQGAN, PatchDiscriminator, VQGANConfig
 
 __all__ = [
     "VQGAN",
+    "CascadeUNet",
+    "CascadeUNetConfig",
     "CompressorConfig",
     "DiffNeXt",
     "DiffNeXtConfig",

@@ -6,6 +6,7 @@ Pure ``nn.Module``s: no Lightning, no file I/O. Tensors are NCHW unless a name s
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -79,14 +80,30 @@ class ResBlock(nn.Module):
 
 
 class TimestepBlock(nn.Module):
-    """FiLM conditioning on the noise-level embedding: ``x * (1 + a) + b``."""
+    """FiLM conditioning on the noise-level embedding: ``x * (1 + a) + b``.
 
-    def __init__(self, channels: int, embedding_dim: int):
+    ``conds`` (Stable Cascade: ``("sca", "crp")`` in Stage C, ``("sca",)`` in Stage B) are extra scalar conditions
+    embedded like ``r``: the embedding is then ``[r, *conds]`` concatenated (``embedding_dim`` each) and every part
+    has its own mapper (``mapper_<name>``), whose ``a, b`` are summed with ``r``'s. No conds (v2, the default): one
+    mapper.
+    """
+
+    def __init__(self, channels: int, embedding_dim: int, conds: Sequence[str] = ()):
         super().__init__()
         self.mapper = nn.Linear(embedding_dim, channels * 2)
+        self.conds = tuple(conds)
+        for name in self.conds:
+            setattr(self, f"mapper_{name}", nn.Linear(embedding_dim, channels * 2))
 
     def forward(self, x: torch.Tensor, r_embedding: torch.Tensor) -> torch.Tensor:
-        a, b = self.mapper(r_embedding)[:, :, None, None].chunk(2, dim=1)
+        if not self.conds:
+            a, b = self.mapper(r_embedding)[:, :, None, None].chunk(2, dim=1)
+            return x * (1 + a) + b
+        parts = r_embedding.chunk(len(self.conds) + 1, dim=1)
+        a, b = self.mapper(parts[0])[:, :, None, None].chunk(2, dim=1)
+        for name, part in zip(self.conds, parts[1:]):
+            a_cond, b_cond = getattr(self, f"mapper_{name}")(part)[:, :, None, None].chunk(2, dim=1)
+            a, b = a + a_cond, b + b_cond
         return x * (1 + a) + b
 
 
@@ -139,6 +156,29 @@ class AttnBlock(nn.Module):
             return x
         out = self.attention(tokens, torch.cat(keys_values, dim=1))
         return x + out.transpose(1, 2).reshape(x.shape)
+
+
+class InterpolatedScaler(nn.Module):
+    """Between two levels: a 1x1 conv and a bilinear 2x resize (``align_corners=True``), conv first going down, resize
+    first going up (Stable Cascade with ``level_resize``; ``resize=False``: the conv alone, as Stage C's two levels
+    share one resolution). ``blocks`` holds the two in the order they run (the released parameter names)."""
+
+    def __init__(self, in_channels: int, out_channels: int, mode: str, resize: bool = True):
+        super().__init__()
+        if mode not in ("up", "down"):
+            raise ValueError(f"mode must be 'up' or 'down', got {mode!r}")
+        resample = (
+            nn.Upsample(scale_factor=2 if mode == "up" else 0.5, mode="bilinear", align_corners=True)
+            if resize
+            else nn.Identity()
+        )
+        conv = nn.Conv2d(in_channels, out_channels, kernel_size=1)
+        self.blocks = nn.ModuleList([resample, conv] if mode == "up" else [conv, resample])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
 
 
 class DiTBlock(nn.Module):
