@@ -40,6 +40,7 @@ from .generation import PipelineConfig, WuerstchenPipeline
 from .lora import merge_lora
 from .models.compressor import CompressorConfig, SemanticCompressor
 from .models.diffnext import DiffNeXt
+from .models.image_encoder import ImageEncoder, ImageEncoderConfig
 from .models.prior import Prior
 from .models.text_encoder import TextEncoder, TextEncoderConfig
 from .models.vqgan import VQGAN
@@ -344,6 +345,52 @@ def load_text_encoder(config: TextEncoderConfig) -> TextEncoder:
             f"{weights_file}: the {config.model_name} text tower weights do not match its config ({error or 'shape'})"
         ) from None
     load_weights(encoder.text, state, weights_file, f"{config.model_name} text tower")
+    return encoder
+
+
+RANDOM_IMAGE_ENCODER_SEED = 0
+# a full open_clip CLIP file shares key names between its towers ("transformer.*"): the "visual." prefixes go first
+_VISION_PREFIXES = ("visual.", "module.visual.", "model.visual.", "", "module.", "model.")
+
+
+def load_image_encoder(config: ImageEncoderConfig) -> ImageEncoder:
+    """The image encoder with the weights its config names (``weights_file``, else the ``pretrained`` tag from the
+    local cache; neither: random, from a fixed seed). A missing file fails before the tower is built; a file without
+    vision-tower weights, or with other shapes, is a one-line :class:`CheckpointError`."""
+    _, weights_file = resolve_open_clip_model(
+        config.model_name, config.pretrained, config.weights_file, config.model_config_file
+    )
+    if weights_file is None:  # as load_text_encoder: every process building this config gets the same weights
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_IMAGE_ENCODER_SEED)
+            return ImageEncoder(config)
+    encoder = ImageEncoder(config)
+    what = f"{config.model_name} vision tower"
+    raw = read_state_dict(weights_file)
+    if any(key.startswith("vision_model.") for key in raw):  # transformers' layout (the released image_encoder/)
+        from .interop.clip_text import vision_from_transformers_state_dict
+
+        try:
+            state = vision_from_transformers_state_dict(raw, encoder.visual, str(weights_file))
+        except ValueError as error:  # its message names the file and the key
+            raise CheckpointError(str(error)) from None
+    else:
+        keys = set(encoder.visual.state_dict())
+        state = {}
+        for prefix in _VISION_PREFIXES:
+            state = {k[len(prefix) :]: v for k, v in raw.items() if k.startswith(prefix) and k[len(prefix) :] in keys}
+            if state:
+                break
+        # under a vision prefix every key is the tower's: one it lacks means another architecture (e.g. attn_pool)
+        extra = [k for k in raw if prefix.endswith("visual.") and k.startswith(prefix) and k[len(prefix) :] not in keys]
+        if state and extra:
+            raise CheckpointError(
+                f"{weights_file}: the {what} weights do not match its config: {len(extra)} unexpected "
+                f"(e.g. {extra[0]!r}) tensors"
+            )
+    if not state:
+        raise CheckpointError(f"{weights_file} holds no vision-tower weights for {config.model_name!r}")
+    load_weights(encoder.visual, state, weights_file, what)
     return encoder
 
 

@@ -472,3 +472,63 @@ def from_transformers(
         save_file({key: value.contiguous() for key, value in encoder.state_dict().items()}, str(weights))
         config.weights_file = str(weights)
     return encoder
+
+
+# --- vision tower: transformers -> open_clip (Stable Cascade's image conditioning) ---------------------------------
+HF_VISION_PREFIX = "vision_model."
+_HF_VISUAL_PROJECTION = "visual_projection.weight"
+_VISION_TOP_RENAMES = {
+    "class_embedding": "embeddings.class_embedding",
+    "conv1.weight": "embeddings.patch_embedding.weight",
+    "positional_embedding": "embeddings.position_embedding.weight",
+    "ln_pre.weight": "pre_layrnorm.weight",  # sic: transformers' name
+    "ln_pre.bias": "pre_layrnorm.bias",
+    "ln_post.weight": "post_layernorm.weight",
+    "ln_post.bias": "post_layernorm.bias",
+}
+
+
+def vision_from_transformers_state_dict(
+    state: dict[str, torch.Tensor], visual: nn.Module, source: str = "transformers state dict"
+) -> dict[str, torch.Tensor]:
+    """A transformers ``CLIPVisionModelWithProjection`` (or full ``CLIPModel``) state dict as the state dict of the
+    open_clip ``VisionTransformer`` ``visual`` (no prefix). The text half of a ``CLIPModel`` (``text_model.*``,
+    ``text_projection``, ``logit_scale``) is skipped; every vision key is mapped, none left over, shapes checked: a
+    missing, extra or wrongly shaped one is a ValueError naming it. ``visual_projection.weight`` ``[embed, width]``
+    becomes open_clip's ``proj`` ``[width, embed]`` (used as ``x @ proj``)."""
+    inner = {
+        key[len(HF_VISION_PREFIX) :]: value
+        for key, value in state.items()
+        if key.startswith(HF_VISION_PREFIX) and key[len(HF_VISION_PREFIX) :] not in _IGNORED_HF_KEYS
+    }
+    used: set[str] = set()
+
+    def take(name: str) -> torch.Tensor:
+        if name not in inner:
+            raise ValueError(f"{source} has no {HF_VISION_PREFIX}{name}")
+        used.add(name)
+        return inner[name]
+
+    result: dict[str, torch.Tensor] = {}
+    for key, current in visual.state_dict().items():
+        if key in _VISION_TOP_RENAMES:
+            value = take(_VISION_TOP_RENAMES[key])
+        elif key == "proj":
+            if _HF_VISUAL_PROJECTION not in state:
+                raise ValueError(f"{source} has no {_HF_VISUAL_PROJECTION} (a CLIPVisionModel without projection)")
+            value = state[_HF_VISUAL_PROJECTION].t()
+        elif (name := _hf_name(key)) is not None and name.startswith("encoder."):  # per-layer renames are shared
+            value = take(name)
+        elif (names := _in_proj_names(key)) is not None:
+            value = torch.cat([take(name) for name in names], dim=0)
+        else:
+            raise ValueError(f"open_clip vision-tower key {key!r} has no transformers CLIP counterpart")
+        if tuple(value.shape) != tuple(current.shape):
+            raise ValueError(
+                f"{source}: weights for {key!r} have shape {tuple(value.shape)}, the tower needs {tuple(current.shape)}"
+            )
+        result[key] = value.detach().contiguous()
+    left = sorted(set(inner) - used)
+    if left:
+        raise ValueError(f"{source} key {HF_VISION_PREFIX}{left[0]} has no open_clip counterpart ({len(left)} left)")
+    return result

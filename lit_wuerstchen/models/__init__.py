@@ -3,6 +3,7 @@
 from .cascade import CascadeUNet, CascadeUNetConfig
 from .compressor import CompressorConfig, SemanticCompressor, semantic_latent_size
 from .diffnext import DiffNeXt, DiffNeXtConfig, perturb_semantic
+from .image_encoder import ImageEncoder, ImageEncoderConfig, clip_preprocess
 from .prior import Prior, PriorConfig
 from .text_encoder import TextEncoder, TextEncoderConfig
 from .vqgan import VQGAN, PatchDiscriminator, VQGANConfig
@@ -14,6 +15,8 @@ __all__ = [
     "CompressorConfig",
     "DiffNeXt",
     "DiffNeXtConfig",
+    "ImageEncoder",
+    "ImageEncoderConfig",
     "PatchDiscriminator",
     "Prior",
     "PriorConfig",
@@ -21,6 +24,7 @@ __all__ = [
     "TextEncoder",
     "TextEncoderConfig",
     "VQGANConfig",
+    "clip_preprocess",
     "perturb_semantic",
     "semantic_latent_size",
 ]
