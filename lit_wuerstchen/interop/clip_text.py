@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -286,6 +287,23 @@ def _split_transformers_state(state: dict[str, torch.Tensor]) -> tuple[dict[str,
     return inner, projection
 
 
+class _KeyTaker:
+    """Tensors of a transformers state dict taken by name, each remembered, so the untaken ones can be named (no key
+    is dropped silently); a missing name is a ValueError with ``missing(name)`` as its message."""
+
+    def __init__(self, inner: dict[str, torch.Tensor], missing: Callable[[str], str]):
+        self.inner, self.missing, self.used = inner, missing, set()
+
+    def __call__(self, name: str) -> torch.Tensor:
+        if name not in self.inner:
+            raise ValueError(self.missing(name))
+        self.used.add(name)
+        return self.inner[name]
+
+    def left(self) -> list[str]:
+        return sorted(set(self.inner) - self.used)
+
+
 def from_transformers_state_dict(
     state: dict[str, torch.Tensor], encoder: TextEncoder, strict: bool = True
 ) -> dict[str, torch.Tensor]:
@@ -299,13 +317,9 @@ def from_transformers_state_dict(
     """
     _check_convertible(encoder)
     inner, projection = _split_transformers_state(state)
-    used: set[str] = set()
-
-    def take(name: str) -> torch.Tensor:
-        if name not in inner:
-            raise ValueError(f"transformers state dict has no {_HF_PREFIX}{name} (needed by {encoder.model_name!r})")
-        used.add(name)
-        return inner[name]
+    take = _KeyTaker(
+        inner, lambda name: f"transformers state dict has no {_HF_PREFIX}{name} (needed by {encoder.model_name!r})"
+    )
 
     own = encoder.text.state_dict()
     result: dict[str, torch.Tensor] = {}
@@ -332,7 +346,7 @@ def from_transformers_state_dict(
                 f"{tuple(current.shape)}"
             )
         result["text." + key] = value.detach().contiguous()
-    left = sorted(set(inner) - used)
+    left = take.left()
     if projection is not None and encoder.text.text_projection is None:
         left.append(_HF_PROJECTION)
     if left:
@@ -501,13 +515,7 @@ def vision_from_transformers_state_dict(
         for key, value in state.items()
         if key.startswith(HF_VISION_PREFIX) and key[len(HF_VISION_PREFIX) :] not in _IGNORED_HF_KEYS
     }
-    used: set[str] = set()
-
-    def take(name: str) -> torch.Tensor:
-        if name not in inner:
-            raise ValueError(f"{source} has no {HF_VISION_PREFIX}{name}")
-        used.add(name)
-        return inner[name]
+    take = _KeyTaker(inner, lambda name: f"{source} has no {HF_VISION_PREFIX}{name}")
 
     result: dict[str, torch.Tensor] = {}
     for key, current in visual.state_dict().items():
@@ -528,7 +536,7 @@ def vision_from_transformers_state_dict(
                 f"{source}: weights for {key!r} have shape {tuple(value.shape)}, the tower needs {tuple(current.shape)}"
             )
         result[key] = value.detach().contiguous()
-    left = sorted(set(inner) - used)
+    left = take.left()
     if left:
         raise ValueError(f"{source} key {HF_VISION_PREFIX}{left[0]} has no open_clip counterpart ({len(left)} left)")
     return result
