@@ -20,14 +20,26 @@ Configs: ``released`` (the released v2 prior, 993,636,896 parameters, and decode
 decoder widths [64, 128, 256, 256], blocks [2, 2, 4, 2]; the released text widths and options) to run fast.
 The training step drops its gradients (``zero_grad(set_to_none=True)``, torch's default), so every step allocates
 them anew, for both networks alike: at the released sizes ~4 GB per step (~600k page faults).
-Usage: python benchmarks/vs_diffusers.py [--config released|small] [--rounds N] [--warmup N] [--stages C B]
-       [--modes forward train] [--batch 1] [--c-side 12] [--b-side 32]
+
+``--family cascade``: our Stable Cascade ``CascadeUNet`` against diffusers' ``StableCascadeUNet`` (built from
+``cascade_config_to_diffusers``, weights moved with ``cascade_key_map``), the same checks and timing. Configs: ``lite``
+(the released Stage C lite, 1.0B, and Stage B lite, 0.7B) and ``small`` (Stage C widths [256, 256], 4 heads, blocks
+[2, 4]; Stage B widths [64, 128, 256, 256], heads [0, 0, 4, 4], blocks [1, 1, 2, 1]; the released conditioning widths).
+Inputs: Stage C latent 16x12x12 (``--c-side``), pooled text [B, 1, 1280], text [B, 77, 1280], image [B, 1, 768];
+Stage B latent 4x32x32 (``--b-side``), effnet 16x12x12 (``--semantic-side``), pixels 3x8x8, pooled text
+[B, 1, 1280]; no sca / crp (diffusers reads them only at batch 1). ``lite`` peaks at 13.4 GiB and takes ~3.5 min
+on a 2-core CPU with the default rounds, ``small`` ~20 s.
+
+Usage: python benchmarks/vs_diffusers.py [--family v2|cascade] [--config released|lite|small] [--rounds N]
+       [--warmup N] [--stages C B] [--modes forward train] [--batch 1] [--c-side 12] [--b-side 32]
+       [--semantic-side N]
 (defaults: 5 rounds after 1 warm-up at the released sizes, ~3.5 min on a 2-core CPU; 20 after 3 for ``small``, 25 s)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import statistics
@@ -39,7 +51,8 @@ import torch.nn.functional as F
 from machine import describe  # benchmarks/machine.py (scripts run from benchmarks/)
 
 from lit_wuerstchen.interop.export import diffusers_decoder, diffusers_prior
-from lit_wuerstchen.models import DiffNeXt, DiffNeXtConfig, Prior, PriorConfig
+from lit_wuerstchen.interop.keymaps import cascade_config_to_diffusers, cascade_key_map, rename
+from lit_wuerstchen.models import CascadeUNet, CascadeUNetConfig, DiffNeXt, DiffNeXtConfig, Prior, PriorConfig
 
 TEXT_TOKENS = 77
 TOLERANCE = 1e-4  # of the output's max abs value
@@ -105,6 +118,66 @@ def stage_b(config: DiffNeXtConfig, batch: int, side: int, semantic_side: int):
         return model(x, r, semantic, text) if model is ours else model(x, r, semantic, clip=text)
 
     return ours, theirs, inputs, call
+
+
+def cascade_configs(name: str) -> tuple[CascadeUNetConfig, CascadeUNetConfig]:
+    c, b = CascadeUNetConfig.released_stage_c_lite(), CascadeUNetConfig.released_stage_b_lite()
+    if name == "lite":
+        return c, b
+    # smaller widths and depths, the released conditioning widths and options, to run fast
+    c = dataclasses.replace(c, widths=[256, 256], heads=[4, 4], down_blocks=[2, 4], up_blocks=[2, 4], cond_channels=256)
+    b = dataclasses.replace(
+        b, widths=[64, 128, 256, 256], heads=[0, 0, 4, 4], down_blocks=[1, 1, 2, 1], up_blocks=[1, 1, 2, 1]
+    )
+    return c, b
+
+
+def cascade_stage(config: CascadeUNetConfig, inputs: dict[str, torch.Tensor], seed: int):
+    """Ours and diffusers' ``StableCascadeUNet`` with the same weights, as tests/test_cascade_models.py moves them."""
+    from diffusers import StableCascadeUNet
+
+    ours = fill_zeros(CascadeUNet(config), seed).eval()
+    # built on meta and filled from ours: PyTorch's default init of ~1B parameters would only be overwritten
+    with torch.device("meta"):
+        theirs = StableCascadeUNet(**cascade_config_to_diffusers(config))
+    theirs = theirs.to_empty(device="cpu")
+    state = rename(ours.state_dict(), cascade_key_map(config), theirs.state_dict(), "ours", "CascadeUNet")
+    theirs.load_state_dict(state, strict=True)
+    theirs.eval()
+    names = list(inputs)
+    renamed = {"x": "sample", "r": "timestep_ratio", "clip_image": "clip_img"}
+
+    def call(model, *args):
+        kwargs = dict(zip(names, args))
+        if model is ours:
+            return model(**kwargs)
+        return model(**{renamed.get(k, k): v for k, v in kwargs.items()}, return_dict=False)[0]
+
+    return ours, theirs, tuple(inputs.values()), call
+
+
+def cascade_stage_c(config: CascadeUNetConfig, batch: int, side: int):
+    g = torch.Generator().manual_seed(1)
+    inputs = {
+        "x": torch.randn(batch, config.latent_channels, side, side, generator=g),
+        "r": torch.rand(batch, generator=g),
+        "clip_text_pooled": torch.randn(batch, 1, config.clip_text_pooled_channels, generator=g),
+        "clip_text": torch.randn(batch, TEXT_TOKENS, config.clip_text_channels, generator=g),
+        "clip_image": torch.randn(batch, 1, config.clip_image_channels, generator=g),
+    }
+    return cascade_stage(config, inputs, 10)
+
+
+def cascade_stage_b(config: CascadeUNetConfig, batch: int, side: int, semantic_side: int):
+    g = torch.Generator().manual_seed(2)
+    inputs = {
+        "x": torch.randn(batch, config.latent_channels, side, side, generator=g),
+        "r": torch.rand(batch, generator=g),
+        "clip_text_pooled": torch.randn(batch, 1, config.clip_text_pooled_channels, generator=g),
+        "effnet": torch.randn(batch, config.effnet_channels, semantic_side, semantic_side, generator=g),
+        "pixels": torch.randn(batch, config.pixel_channels, 8, 8, generator=g),
+    }
+    return cascade_stage(config, inputs, 11)
 
 
 def interleaved(step_ours, step_theirs, rounds: int, warmup: int) -> tuple[list[float], list[float]]:
@@ -175,7 +248,12 @@ def _ms(times: list[float]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", choices=["released", "small"], default="released")
+    parser.add_argument("--family", choices=["v2", "cascade"], default="v2")
+    parser.add_argument(
+        "--config",
+        choices=["released", "lite", "small"],
+        help="v2: released|small; cascade: lite|small (default: the first)",
+    )
     parser.add_argument("--rounds", type=int, help="timed rounds (default: 5 released, 20 small)")
     parser.add_argument("--warmup", type=int, help="untimed rounds first (default: 1 released, 3 small)")
     parser.add_argument("--stages", nargs="+", choices=["C", "B"], default=["C", "B"])
@@ -183,9 +261,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--c-side", type=int, default=12, help="Stage C latent side (12: a 512 px image)")
     parser.add_argument("--b-side", type=int, default=32, help="Stage B latent side (32: a 128 px image)")
-    parser.add_argument("--semantic-side", type=int, default=3, help="side of the semantic latent Stage B gets")
+    parser.add_argument("--semantic-side", type=int, help="side of Stage B's semantic latent (v2: 3, cascade: 12)")
     args = parser.parse_args()
-    released = args.config == "released"
+    cascade = args.family == "cascade"
+    args.config = args.config or ("lite" if cascade else "released")
+    if args.config != "small" and (args.config == "lite") != cascade:
+        parser.error(f"--config {args.config} is not a {args.family} config")
+    args.semantic_side = args.semantic_side or (12 if cascade else 3)
+    released = args.config != "small"
     args.rounds = args.rounds or (5 if released else 20)
     args.warmup = (1 if released else 3) if args.warmup is None else args.warmup
     import diffusers
@@ -195,15 +278,17 @@ def main() -> None:
     print(f"machine   {describe()}")
     threads = torch.get_num_threads()
     print(f"versions  torch {torch.__version__} ({threads} threads) | diffusers {diffusers.__version__}")
-    print(f"config    {args.config}, batch {args.batch}, fp32, {args.warmup} warm-up + {args.rounds} timed rounds\n")
-    prior_config, decoder_config = configs(args.config)
+    rounds = f"{args.warmup} warm-up + {args.rounds} timed rounds"
+    print(f"config    {args.family} {args.config}, batch {args.batch}, fp32, {rounds}\n")
+    prior_config, decoder_config = (cascade_configs if cascade else configs)(args.config)
     rows = []
     for stage in args.stages:
         start = time.perf_counter()
         if stage == "C":
-            built = stage_c(prior_config, args.batch, args.c_side)
+            built = (cascade_stage_c if cascade else stage_c)(prior_config, args.batch, args.c_side)
         else:
-            built = stage_b(decoder_config, args.batch, args.b_side, args.semantic_side)
+            build = cascade_stage_b if cascade else stage_b
+            built = build(decoder_config, args.batch, args.b_side, args.semantic_side)
         millions = sum(p.numel() for p in built[0].parameters()) / 1e6
         built_in = time.perf_counter() - start
         print(f"stage {stage}: {millions:,.1f}M parameters; ours and diffusers' built in {built_in:.0f} s")
