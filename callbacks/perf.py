@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
 
 from lit_wuerstchen.flops import device_peak_flops
-from lit_wuerstchen.lightning_private import accumulating, logs_written_now
+from lit_wuerstchen.lightning_private import accumulating, logs_written_now, summary_settings, summary_table
 
 # trainer.precision -> the dtype the peak FLOP/s table is read for
 _COMPUTE_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16, "64": torch.float64}
@@ -242,7 +242,8 @@ def use_training_flops_summary(trainer: Trainer) -> None:
     for index, callback in enumerate(trainer.callbacks):
         if type(callback) in (ModelSummary, RichModelSummary):
             cls = RichTrainingFlopsSummary if type(callback) is RichModelSummary else TrainingFlopsSummary
-            trainer.callbacks[index] = cls(callback._max_depth, **callback._summarize_kwargs)
+            max_depth, options = summary_settings(callback)
+            trainer.callbacks[index] = cls(max_depth, **options)
 
 
 class _TrainingFlopsSummaryMixin:
@@ -255,15 +256,14 @@ class _TrainingFlopsSummaryMixin:
     """The count printed (None before the first batch or where the module counts none)."""
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._pending = bool(self._max_depth)  # the batch's shapes are needed: printed at the first batch
+        self._pending = bool(summary_settings(self)[0])  # the batch's shapes are needed: printed at the first batch
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if not getattr(self, "_pending", False) or not trainer.is_global_zero:
             return
         self._pending = False
         self.total_flops = training_flops(pl_module, batch)
-        summary = self._summary(trainer, pl_module)
-        data = summary._get_summary_data()
+        summary, data = summary_table(self, trainer, pl_module)
         if pl_module.example_input_array is None:
             data = [(name, ["-"] * len(values)) if name == "FLOPs" else (name, values) for name, values in data]
         self.summarize(
@@ -273,7 +273,7 @@ class _TrainingFlopsSummaryMixin:
             summary.model_size,
             summary.total_training_modes,
             total_flops=self.total_flops or 0,
-            **self._summarize_kwargs,
+            **summary_settings(self)[1],
         )
         if self.total_flops:
             rank_zero_info(

@@ -11,6 +11,8 @@ release for the same reason: a new minor version is adopted after this module's 
 | ``trainer._signal_connector.received_sigterm`` | ``callbacks.lifecycle`` | SIGUSR1 stops the run as SIGTERM does |
 | ``trainer.fit_loop._should_accumulate()`` | ``callbacks.perf`` | no optimiser step on this batch |
 | ``trainer._logger_connector.should_update_logs`` | ``callbacks.perf`` | the logger writes on this step |
+| ``ModelSummary._max_depth``, ``._summarize_kwargs``, ``._summary()`` | ``callbacks.perf`` | the summary with FLOPs |
+| ``ModelSummary(...)._get_summary_data()`` (the summary object's) | ``callbacks.perf`` | its table rows |
 | ``LightningCLI._run_subcommand`` | ``cli.WuerstchenCLI`` | a preempted fit exits with one line |
 | ``_MultiProcessingLauncher._collect_rank_zero_results``, ``_WorkerOutput`` | ``strategies`` | FSDP on CPU spawn |
 | ``fabric.strategies.fsdp._distributed_checkpoint_save`` / ``_load`` | ``strategies.FSDP`` | EMA shards saved |
@@ -24,6 +26,7 @@ from typing import Any
 from lightning.fabric.strategies.fsdp import _distributed_checkpoint_load, _distributed_checkpoint_save
 from lightning.fabric.utilities.load import _load_distributed_checkpoint
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelSummary
 from lightning.pytorch.plugins.environments import ClusterEnvironment
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher, _WorkerOutput
 
@@ -55,6 +58,18 @@ def accumulating(trainer: Trainer) -> bool:
 def logs_written_now(trainer: Trainer) -> bool:
     """Whether the loggers write this step's metrics (``log_every_n_steps``)."""
     return trainer._logger_connector.should_update_logs
+
+
+def summary_settings(callback: ModelSummary) -> tuple[int, dict[str, Any]]:
+    """A model summary callback's ``(max_depth, summarize keyword options)``, to rebuild it or print as it would."""
+    return callback._max_depth, dict(callback._summarize_kwargs)
+
+
+def summary_table(callback: ModelSummary, trainer: Trainer, pl_module: Any) -> tuple[Any, list[tuple[str, list]]]:
+    """The summary object a model summary callback builds for ``pl_module`` and its table rows (``(column, values)``
+    pairs), as its ``on_fit_start`` prints them."""
+    summary = callback._summary(trainer, pl_module)
+    return summary, summary._get_summary_data()
 
 
 def distributed_checkpoint_save(state: dict[str, Any], path: Any) -> None:

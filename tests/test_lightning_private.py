@@ -94,3 +94,18 @@ def test_distributed_checkpoint_save_and_load_round_trip_in_one_process(tmp_path
     into = {"ema_state_dict": {"w": torch.zeros(4, 3)}}
     private.distributed_checkpoint_load(into, tmp_path / "ckpt")
     assert torch.equal(into["ema_state_dict"]["w"], state["ema_state_dict"]["w"])
+
+
+def test_summary_settings_and_table_are_what_the_summary_callback_prints(tmp_path):
+    from lightning.pytorch.callbacks import ModelSummary
+
+    callback = ModelSummary(max_depth=3)
+    max_depth, options = private.summary_settings(callback)
+    assert max_depth == 3 and isinstance(options, dict)
+    fit = boring_trainer(tmp_path, max_steps=1)
+    model = BoringModel()
+    fit.fit(model)
+    summary, rows = private.summary_table(callback, fit, model)
+    columns = dict(rows)
+    assert {"Name", "Type", "Params"} <= set(columns) and columns["Name"] == ["layer"]
+    assert summary.total_parameters == sum(p.numel() for p in model.parameters())
