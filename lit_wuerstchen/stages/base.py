@@ -242,12 +242,17 @@ class Stage(L.LightningModule):
         """Keep config dataclasses as plain dicts in ``hparams``: checkpoints then load with ``weights_only``."""
         self.hparams.update({name: asdict(config) for name, config in configs.items()})
 
+    @property
+    def scaled_gradients(self) -> bool:
+        """Whether a GradScaler scales the gradients (precision ``16-mixed``)."""
+        return getattr(self.trainer.precision_plugin, "scaler", None) is not None
+
     def configure_optimizers(self):
         """AdamW over exactly the trained networks, stepped per step (``self.optimizer_config``)."""
         optimizer, scheduler = self.optimizer_config.build(
             self.trained_parameters(),
             total_steps=self.trainer.max_steps,
-            scaled_gradients=getattr(self.trainer.precision_plugin, "scaler", None) is not None,
+            scaled_gradients=self.scaled_gradients,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -275,7 +280,7 @@ class Stage(L.LightningModule):
     def gradients_are_finite(self, parameters: list[nn.Parameter]) -> bool:
         """Whether this step's gradients are finite on every rank (:class:`DivergenceGuard`; past
         ``optimizer.max_skipped_steps`` bad steps the run stops with a :class:`DivergenceError`)."""
-        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+        if self.scaled_gradients:
             return True  # fp16: the GradScaler skips steps with inf gradients and lowers its scale by itself
         allowed = self.optimizer_config.max_skipped_steps
         return self.divergence.gradients_finite(parameters, self.trainer.strategy, self.global_step, allowed)

@@ -85,7 +85,7 @@ class StageA(Stage):
 
     def configure_optimizers(self):
         config = self.optimizer_config
-        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None  # 16-mixed: see use_fused
+        scaled = self.scaled_gradients  # 16-mixed: see OptimizerConfig.use_fused
         optimizer, scheduler = config.build(
             self.vqgan.parameters(), total_steps=self.trainer.max_steps, scaled_gradients=scaled
         )
