@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 import pickle
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -317,6 +318,14 @@ RANDOM_TEXT_ENCODER_SEED = 0
 _TEXT_PREFIXES = ("", "text.", "module.", "module.text.", "model.", "model.text.")
 
 
+def _seeded(build: Callable[[], nn.Module], seed: int) -> nn.Module:
+    """Random weights (toy runs) drawn from a fixed seed, not from the caller's random state: every process that
+    builds the same config (a fit, a resumed fit, ``data precompute``) gets the same network."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
 def load_text_encoder(config: TextEncoderConfig) -> TextEncoder:
     """The text encoder with the weights its config names (``weights_file``, else the ``pretrained`` tag from the
     local cache; neither: random). A missing file fails before the tower is built."""
@@ -324,11 +333,7 @@ def load_text_encoder(config: TextEncoderConfig) -> TextEncoder:
         config.model_name, config.pretrained, config.weights_file, config.model_config_file
     )
     if weights_file is None:
-        # random weights (toy runs): drawn from a fixed seed, not from the caller's random state, so every process
-        # that builds this config (a fit, a resumed fit, `data precompute`) gets the same encoder
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(RANDOM_TEXT_ENCODER_SEED)
-            return TextEncoder(config)
+        return _seeded(lambda: TextEncoder(config), RANDOM_TEXT_ENCODER_SEED)
     encoder = TextEncoder(config)
     keys = set(encoder.text.state_dict())
     state = {}
@@ -360,10 +365,8 @@ def load_image_encoder(config: ImageEncoderConfig) -> ImageEncoder:
     _, weights_file = resolve_open_clip_model(
         config.model_name, config.pretrained, config.weights_file, config.model_config_file
     )
-    if weights_file is None:  # as load_text_encoder: every process building this config gets the same weights
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(RANDOM_IMAGE_ENCODER_SEED)
-            return ImageEncoder(config)
+    if weights_file is None:
+        return _seeded(lambda: ImageEncoder(config), RANDOM_IMAGE_ENCODER_SEED)
     encoder = ImageEncoder(config)
     what = f"{config.model_name} vision tower"
     raw = read_state_dict(weights_file)
